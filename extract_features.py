@@ -1,0 +1,82 @@
+#!/usr/bin/env python3
+"""Stage 1: run the frozen backbone once and cache pooled features in a Zarr store.
+
+    python extract_features.py --checkpoint checkpoint_best.pth --data-root /data/imagenet \
+        --class-order imagenet_class_index.json --out features.zarr
+
+Rerunning the same command resumes an interrupted run, and is a no-op on a finished store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from pipeline.cli import common_parser, log, run_main
+from pipeline.extract import run_extract
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        parents=[common_parser()],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--checkpoint", "--resume", type=Path, required=True,
+                        help="the trained model (training-script checkpoint or state dict)")
+    parser.add_argument("--data-root", type=Path, required=True,
+                        help="ImageFolder tree: DATA_ROOT/<split>/<class>/<image>")
+    parser.add_argument("--splits", nargs="+", metavar="SPLIT",
+                        help="split folders to extract (default: those present of "
+                        "train, val, validation, test)")
+    parser.add_argument("--class-order", type=Path,
+                        help="the correct class order: one class id per line, or "
+                        "imagenet_class_index.json form (default: sorted folder names)")
+    parser.add_argument("--arch",
+                        help="torchvision model name or package.module:function (default: the "
+                        "checkpoint's arch, else inferred from its weights)")
+    parser.add_argument("--resize", type=int, help="short-side resize (default: the "
+                        "architecture's eval transform)")
+    parser.add_argument("--crop", type=int, help="center crop (default: the architecture's)")
+    parser.add_argument("--batch-size", type=int, help="images per forward pass")
+    parser.add_argument("--decoder", choices=("auto", "dali", "pil"),
+                        help="auto: DALI when installed, else PIL")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+                        help="auto: bf16 autocast on CUDA, fp32 on the CPU")
+    parser.add_argument("--float32", action=argparse.BooleanOptionalAction,
+                        help="store features as float32 instead of float16")
+    parser.add_argument("--chunk-rows", type=int,
+                        help="rows per storage chunk (the unit of resume and of writers)")
+    parser.add_argument("--num-threads", type=int,
+                        help="CPU threads for decoding and the CPU model (default: cores, max 16)")
+    parser.add_argument("--ema", action=argparse.BooleanOptionalAction,
+                        help="use the checkpoint's EMA weights")
+    parser.add_argument("--out", type=Path, required=True, help="the feature store to write")
+    parser.add_argument("--overwrite", action=argparse.BooleanOptionalAction,
+                        help="replace a store that was made from other inputs")
+    parser.set_defaults(batch_size=128, decoder="auto", precision="auto", float32=False,
+                        chunk_rows=1024, ema=False, overwrite=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    def body(args: argparse.Namespace) -> int:
+        summary = run_extract(
+            checkpoint=args.checkpoint, data_root=args.data_root, out=args.out,
+            splits=args.splits, class_order=args.class_order, arch=args.arch,
+            resize=args.resize, crop=args.crop, batch_size=args.batch_size,
+            device=args.device, decoder=args.decoder, precision=args.precision,
+            float32=args.float32, chunk_rows=args.chunk_rows, num_threads=args.num_threads,
+            overwrite=args.overwrite, trust_checkpoint=args.trust_checkpoint, use_ema=args.ema,
+            rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)),
+            argv=argv,
+        )
+        log.info(summary.line())
+        return 0
+
+    return run_main(body, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
