@@ -384,7 +384,8 @@ def image_size(data: bytes) -> tuple[int, int] | None:
 
 
 def _dali_reason(exc: Exception) -> str:
+    """The decoder's own complaint from DALI's multi-line error (the line after 'encountered:')."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    useful = [ln for ln in lines if "failure" in ln.lower() or "error" in ln.lower()]
-    text = (useful[-1] if useful else (lines[-1] if lines else type(exc).__name__))
-    return f"DALI could not decode it: {text[:200]}"
+    after = [lines[i + 1] for i, ln in enumerate(lines[:-1]) if ln.startswith("encountered")]
+    text = after[-1] if after else (lines[-1] if lines else type(exc).__name__)
+    return f"DALI could not decode it ({text[:160]})"

@@ -46,8 +46,9 @@ class ExtractSummary:
         if self.no_op:
             return f"extract: {self.out} is already complete for these inputs; nothing to do"
         rate = self.images / self.seconds if self.seconds > 0 else 0.0
+        rescued = f" ({self.rescued} decoded by the PIL fallback)" if self.rescued else ""
         return (
-            f"extract: {self.images} images, {self.quarantined} quarantined, "
+            f"extract: {self.images} images, {self.quarantined} quarantined{rescued}, "
             f"{self.seconds:.1f} s, {rate:.1f} img/s -> {self.out}"
         )
 
@@ -148,14 +149,26 @@ class ChunkProcessor:
         feats = np.zeros((n, self.model.feature_dim), dtype=self.out_dtype)
         ok = np.zeros(n, dtype=bool)
         reasons = [""] * n
+        rows: list[list[int]] = []
+        outputs: list[torch.Tensor] = []
         for lo in range(0, n, self.batch_size):
             hi = min(lo + self.batch_size, n)
-            self._batch(blobs, lo, hi, feats, ok, reasons)
+            batch = self._batch(blobs, lo, hi, reasons)
+            if batch is not None:
+                rows.append(batch[0])
+                outputs.append(batch[1])
             if progress is not None:
                 progress.update(hi - lo)
+        if outputs:
+            # One device-to-host copy per chunk: on CUDA the forward passes stay queued while
+            # DALI decodes the next batch, instead of a sync after every batch.
+            order = [i for r in rows for i in r]
+            feats[order] = torch.cat(outputs).float().cpu().numpy().astype(self.out_dtype)
+            ok[order] = True
         return feats, ok, reasons
 
-    def _batch(self, blobs, lo, hi, feats, ok, reasons) -> None:
+    def _batch(self, blobs, lo, hi, reasons) -> tuple[list[int], torch.Tensor] | None:
+        """Decode rows lo..hi and run the backbone; (rows that worked, their features)."""
         images: dict[int, torch.Tensor] = {}
         to_dali: list[int] = []
         to_pil: list[int] = []
@@ -192,12 +205,10 @@ class ChunkProcessor:
                     if reasons[i]:
                         reasons[i] = f"decoded by PIL after: {reasons[i]}"
         if not images:
-            return
+            return None
         order = sorted(images)
         batch = torch.stack([images[i].to(self.device) for i in order])
-        out = self._forward(batch)
-        feats[order] = out
-        ok[order] = True
+        return order, self._forward(batch)
 
     def _pil(self, data: bytes) -> tuple[torch.Tensor | None, str | None]:
         try:
@@ -206,13 +217,10 @@ class ChunkProcessor:
             return None, f"undecodable: {type(exc).__name__}: {str(exc)[:160]}"
 
     @torch.inference_mode()
-    def _forward(self, batch: torch.Tensor) -> np.ndarray:
-        batch = batch.to(self.device, non_blocking=True).contiguous(
-            memory_format=self.memory_format)
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        batch = batch.contiguous(memory_format=self.memory_format)
         with _forward_context(self.device, self.precision):
-            out = self.model.backbone(batch)
-        # .cpu() is the sync point: the next batch's decode overlaps with nothing on CPU anyway.
-        return out.float().flatten(1).cpu().numpy().astype(self.out_dtype)
+            return self.model.backbone(batch).flatten(1)
 
 
 def run_extract(

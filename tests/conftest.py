@@ -58,7 +58,8 @@ def make_tree(root: Path, photos, *, per_class=(4, 2), classes=CLASSES, seed=0) 
     return root
 
 
-BAD_KINDS = ("zero_bytes", "html", "truncated", "cmyk", "grayscale", "png", "webp", "gif")
+BAD_KINDS = ("zero_bytes", "html", "truncated", "corrupt_png", "cmyk", "grayscale", "png", "webp",
+             "gif")
 
 
 def write_bad(path: Path, kind: str, photos) -> None:
@@ -71,6 +72,10 @@ def write_bad(path: Path, kind: str, photos) -> None:
     elif kind == "truncated":
         data = jpeg_bytes(patch, quality=90)
         path.write_bytes(data[: len(data) // 2])
+    elif kind == "corrupt_png":  # complete file, damaged compressed data: passes every sniff
+        data = bytearray(jpeg_bytes(patch, format="PNG"))
+        data[data.index(b"IDAT") + 20] ^= 0xFF
+        path.write_bytes(bytes(data))
     elif kind == "cmyk":
         buf = io.BytesIO()
         Image.fromarray(patch).convert("CMYK").save(buf, format="JPEG", quality=90)

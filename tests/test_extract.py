@@ -62,7 +62,12 @@ def test_store_matches_torchvision_path(tmp_path, tree, ckpt, model, photos, dec
     assert not ok["n02/bad_zero_bytes.JPEG"] and "empty" in reasons["n02/bad_zero_bytes.JPEG"]
     assert not ok["n02/bad_html.JPEG"] and "HTML" in reasons["n02/bad_html.JPEG"]
     assert not ok["n02/bad_truncated.JPEG"] and "truncated" in reasons["n02/bad_truncated.JPEG"]
-    assert sum(not v for v in ok.values()) == 3
+    # a damaged PNG fails DALI inside a batch (bisected out) and PIL: quarantined, neighbours kept
+    bad_png = "n02/bad_corrupt_png.JPEG"
+    assert not ok[bad_png] and "undecodable" in reasons[bad_png]
+    if decoder == "dali":
+        assert "DALI could not decode it" in reasons[bad_png]
+    assert sum(not v for v in ok.values()) == 4
     bad_rows = [i for i, f in enumerate(files) if not ok[f]]
     assert not got["features"][bad_rows].any()
     # labels follow the (sorted) class folders
