@@ -1,0 +1,44 @@
+"""Run outputs a person reads: per-epoch JSON lines and a PNG of the curves."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def write_jsonl(path: Path, records: Sequence[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w") as f:
+        for rec in records:
+            f.write(json.dumps(rec, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def plot_curves(path: Path, records: Sequence[dict], chosen: tuple[float, float] | None) -> None:
+    """One line per grid point: train loss, and top-1 on each evaluated split, per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = sorted({(r["lr"], r["weight_decay"]) for r in records})
+    metrics = ["train_loss"] + sorted(k for k in records[0] if k.endswith("_top1"))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        for lr, wd in points:
+            rows = [r for r in records if (r["lr"], r["weight_decay"]) == (lr, wd)]
+            style = {"linewidth": 2.5} if (lr, wd) == chosen else {"linewidth": 1, "alpha": 0.7}
+            ax.plot([r["epoch"] for r in rows], [r[metric] for r in rows], marker="o",
+                    label=f"lr={lr:g} wd={wd:g}" + (" (chosen)" if (lr, wd) == chosen else ""),
+                    **style)
+        ax.set_xlabel("epoch")
+        ax.set_title(metric.replace("_", " "))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)

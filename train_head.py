@@ -1,0 +1,71 @@
+#!/usr/bin/env python3
+"""Stage 2: train only the classification head on the cached features (seconds, not hours).
+
+    python train_head.py --features features.zarr --checkpoint checkpoint_best.pth --out head.pt
+
+Every --lr x --weight-decay combination trains together in one pass; the best on a holdout
+carved from train is kept, and val top-1/top-5 is reported for every point. With --checkpoint,
+the old head is diagnosed first: if its rows are a permutation of the right head, --init auto
+starts from the permuted rows, and --epochs 0 is a training-free fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pipeline.cli import common_parser, log, run_main
+from pipeline.train import run_train
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        parents=[common_parser()],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--features", type=Path, required=True,
+                        help="the feature store written by extract_features.py")
+    parser.add_argument("--out", type=Path, required=True, help="the head file to write")
+    parser.add_argument("--checkpoint", "--resume", type=Path,
+                        help="the original model: checked against the store, diagnosed, and "
+                        "used for a warm start")
+    parser.add_argument("--epochs", "--fix-epochs", type=int, help="passes over the features")
+    parser.add_argument("--lr", help="learning rate(s), comma-separated: a grid in one pass")
+    parser.add_argument("--weight-decay", help="weight decay value(s), comma-separated")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--label-smoothing", type=float)
+    parser.add_argument("--warmup-epochs", type=float, help="linear warmup before the cosine "
+                        "decay")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--holdout-fraction", type=float,
+                        help="share of train held out to choose the grid point (never val)")
+    parser.add_argument("--init", choices=("auto", "zeros", "old-head"),
+                        help="auto: the permuted old head when it is a permutation, else zeros")
+    parser.add_argument("--stream", action=argparse.BooleanOptionalAction,
+                        help="stream batches from host memory instead of keeping the features "
+                        "on the device (default: resident when they fit)")
+    parser.set_defaults(epochs=5, lr="0.01,0.03,0.1,0.3", weight_decay="0,0.001,0.01",
+                        batch_size=256, label_smoothing=0.0, warmup_epochs=1.0, seed=0,
+                        holdout_fraction=0.1, init="auto", stream=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    def body(args: argparse.Namespace) -> int:
+        summary = run_train(
+            features=args.features, out=args.out, epochs=args.epochs, lr=args.lr,
+            weight_decay=args.weight_decay, batch_size=args.batch_size,
+            label_smoothing=args.label_smoothing, warmup_epochs=args.warmup_epochs,
+            device=args.device, seed=args.seed, holdout_fraction=args.holdout_fraction,
+            checkpoint=args.checkpoint, init=args.init, stream=args.stream,
+            trust_checkpoint=args.trust_checkpoint, argv=argv,
+        )
+        log.info(summary.line())
+        return 0
+
+    return run_main(body, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
