@@ -147,8 +147,7 @@ def run_train(
     diagnosis = None
     init_tensors = None
     if old_head is not None:
-        diag_feats = load_split(group, "train")
-        diagnosis = H.diagnose(diag_feats, *old_head, device=dev)
+        diagnosis = H.diagnose(train, *old_head, device=dev)  # holdout rows stay unseen
         log.info(diagnosis.line())
         permuted = (old_head[0][diagnosis.mapping], old_head[1][diagnosis.mapping])
         if init == "old-head" or (init == "auto" and diagnosis.is_permutation):
