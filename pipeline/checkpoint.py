@@ -113,10 +113,19 @@ def _torch_load(path: Path, *, trust: bool) -> Any:
     try:
         if trust:
             return torch.load(path, map_location="cpu", weights_only=False)
-        with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return safe_load(path)
     except Exception as exc:  # torch raises many types; every one is "unreadable" to the user
         raise CheckpointError(_explain_load_failure(path, exc, trust)) from exc
+
+
+def safe_load(path: Path) -> Any:
+    """`torch.load(weights_only=True)` with this project's allowlist; raises torch's errors.
+
+    Use it to read a fixed checkpoint whose original held numpy scalars or an
+    argparse.Namespace (plain `weights_only=True` refuses those).
+    """
+    with torch.serialization.safe_globals(_safe_globals()):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _explain_load_failure(path: Path, exc: Exception, trust: bool) -> str:

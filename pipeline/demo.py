@@ -8,9 +8,9 @@ few broken files mixed in. A torchvision ResNet-18 is trained on them the way a 
 `ImageFolder` does it: classes sorted by folder *name* (eight, five, four, ...), not the
 dataset's own order (zero, one, two, ...). That is the bug this project repairs.
 
-The demo then runs stage 1 (`extract_features.py`) with the correct class order and stage 2
-(`train_head.py`) twice: once with `--epochs 0` (the old head's rows permuted, no training) and
-once training 10 epochs on the cached features; it prints val top-1 before and after.
+The demo then runs the three stages as `make fix` would, with the correct class order, and
+prints val top-1 end to end on the val images before and after the fix, beside a reference model
+trained with the correct order from the start, and where the fixed checkpoint is.
 """
 
 from __future__ import annotations
@@ -52,8 +52,10 @@ def make_images(root: Path, seed: int = 0) -> None:
     (root / "train" / "seven" / "partial.jpg").write_bytes(whole[: len(whole) // 2])
 
 
-def train_buggy_model(data: Path, out: Path, epochs: int, seed: int = 0) -> float:
-    """Train like a typical script: ImageFolder labels (folder names sorted alphabetically)."""
+def train_model(data: Path, out: Path, epochs: int, *, correct_order: bool = False,
+                seed: int = 0) -> float:
+    """Train like a typical script: ImageFolder labels, i.e. folder names sorted alphabetically
+    (the bug). With `correct_order`, labels follow the digits' own order (the reference)."""
     from torchvision import datasets, transforms
 
     torch.manual_seed(seed)
@@ -61,6 +63,11 @@ def train_buggy_model(data: Path, out: Path, epochs: int, seed: int = 0) -> floa
     tf = transforms.Compose([transforms.Grayscale(3), transforms.ToTensor(), norm])
     train = datasets.ImageFolder(data / "train", tf, is_valid_file=_is_good_image)
     val = datasets.ImageFolder(data / "val", tf)
+    class_to_idx = train.class_to_idx
+    if correct_order:
+        class_to_idx = {name: i for i, name in enumerate(NAMES)}
+        remap = {train.class_to_idx[name]: i for name, i in class_to_idx.items()}
+        train.target_transform = val.target_transform = remap.__getitem__
     model = torchvision.models.resnet18(num_classes=10)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     steps = epochs * -(-len(train) // 64)
@@ -90,7 +97,7 @@ def train_buggy_model(data: Path, out: Path, epochs: int, seed: int = 0) -> floa
         "epoch": epochs - 1,
         "args": args,
         "best_acc1": np.float64(acc * 100),
-        "class_to_idx": train.class_to_idx,  # the alphabetical (wrong) order
+        "class_to_idx": class_to_idx,
     }, out)
     return acc
 
@@ -104,68 +111,65 @@ def _is_good_image(path: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("demo-out"))
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=4, help="epochs of the demo's training")
     args = parser.parse_args(argv)
-    data, ckpt = args.out / "data", args.out / "checkpoint_best.pth"
+    data = args.out / "data"
+    ckpt = args.out / "run" / "checkpoint_best.pth"
+    reference = args.out / "reference" / "checkpoint_best.pth"
     order_file = args.out / "class_order.txt"
     if not (data / "train").is_dir():
         print(f"writing demo images to {data}", file=sys.stderr)
         make_images(data)
     order_file.write_text("\n".join(NAMES) + "\n")
-    if not ckpt.is_file():
-        print(f"training a ResNet-18 with classes sorted by name -> {ckpt}", file=sys.stderr)
-        start = time.perf_counter()
-        acc = train_buggy_model(data, ckpt, args.epochs)
-        print(f"  trained in {time.perf_counter() - start:.0f} s; val top-1 with its own "
-              f"(wrong) labels: {acc:.1%}", file=sys.stderr)
+    for path, correct, what in ((ckpt, False, "classes sorted by name (the bug)"),
+                                (reference, True, "the correct class order (reference)")):
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            print(f"training a ResNet-18 with {what} -> {path}", file=sys.stderr)
+            start = time.perf_counter()
+            acc = train_model(data, path, args.epochs, correct_order=correct)
+            print(f"  trained in {time.perf_counter() - start:.0f} s; val top-1 against its "
+                  f"own labels: {acc:.1%}", file=sys.stderr)
 
-    store = args.out / "features.zarr"
+    # What `make fix CHECKPOINT=... DATA=... CLASS_ORDER=...` runs, with its default places.
+    fixed = ckpt.parent / "fixed"
+    store, head, out = fixed / "features.zarr", fixed / "head.pt", fixed / "checkpoint_best.pth"
     root = Path(__file__).resolve().parent.parent
     steps = [
         ("extract_features.py", ["--checkpoint", str(ckpt), "--data-root", str(data),
                                  "--class-order", str(order_file), "--out", str(store)]),
         ("train_head.py", ["--features", str(store), "--checkpoint", str(ckpt),
-                           "--out", str(args.out / "head_permuted.pt"), "--epochs", "0"]),
-        ("train_head.py", ["--features", str(store), "--checkpoint", str(ckpt),
-                           "--out", str(args.out / "head.pt"), "--epochs", "10"]),
+                           "--out", str(head)]),
+        ("stitch_checkpoint.py", ["--checkpoint", str(ckpt), "--head", str(head), "--out",
+                                  str(out), "--overwrite", "--verify-data", str(data)]),
     ]
     for script, flags in steps:
         print(f"$ python {script} {' '.join(flags)}", file=sys.stderr)
         rc = subprocess.run([sys.executable, str(root / script), *flags]).returncode
         if rc != 0:
             return rc
-    report(args.out)
+    report(data, ckpt, out, reference, head)
     return 0
 
 
-def report(out: Path) -> None:
-    """Before and after, from the head files' own records."""
-    permuted = torch.load(out / "head_permuted.pt", weights_only=True)
-    trained = torch.load(out / "head.pt", weights_only=True)
-    diag = permuted["diagnosis"]
-    print(file=sys.stderr)
-    print(f"old head, correct labels:                 val top-1 "
-          f"{_val_top1(out, diag):.1%}", file=sys.stderr)
-    print(f"old head rows permuted (--epochs 0):      val top-1 "
-          f"{permuted['metrics']['val_top1']:.1%} ({diag['classes_moved']} classes moved)",
+def report(data: Path, buggy: Path, fixed: Path, reference: Path, head_path: Path) -> None:
+    """Val top-1 end to end on the images (full model, torchvision path), correct labels."""
+    from .stitch import verify_on_images
+    from .train import load_head
+
+    head = load_head(head_path)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = [(f"buggy model ({buggy})", buggy), (f"fixed model ({fixed})", fixed),
+            (f"reference, trained with the correct order ({reference})", reference)]
+    print("\nval top-1, end to end on the val images, against the correct labels:",
           file=sys.stderr)
-    print(f"head trained 10 epochs on cached features: val top-1 "
-          f"{trained['metrics']['val_top1']:.1%}", file=sys.stderr)
-    print(f"outputs: {out / 'features.zarr'}, {out / 'head.pt'} (stitching into the checkpoint "
-          "is stage 3, not built yet)", file=sys.stderr)
-
-
-def _val_top1(out: Path, diag: dict) -> float:
-    """The unpermuted old head's val accuracy, from the permuted head's rows and the mapping."""
-    from .store import open_store
-
-    head = torch.load(out / "head_permuted.pt", weights_only=True)
-    inverse = np.argsort(np.asarray(diag["mapping"]))  # old row j = new row inverse[j]
-    w, b = head["weight"].numpy()[inverse], head["bias"].numpy()[inverse]
-    g = open_store(out / "features.zarr")["val"]
-    ok = g["ok"][:].astype(bool)
-    x, y = g["features"][:][ok].astype(np.float32), g["labels"][:][ok]
-    return float(((x @ w.T + b).argmax(1) == y).mean())
+    for name, path in rows:
+        acc, n = verify_on_images(path, data, head, device=device)
+        print(f"  {acc:6.1%}  {name}", file=sys.stderr)
+    diag = head["diagnosis"]
+    print(f"(the old head was a permutation of the right one: {diag['is_permutation']}, "
+          f"{diag['classes_moved']} classes moved)", file=sys.stderr)
+    print(f"fixed checkpoint: {fixed}", file=sys.stderr)
 
 
 if __name__ == "__main__":
