@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.photos import make_photo_tree  # noqa: E402
 from pipeline import data as D  # noqa: E402
 from pipeline.checkpoint import load_checkpoint  # noqa: E402
 from pipeline.extract import prepare_model  # noqa: E402
@@ -35,24 +35,11 @@ from pipeline.models import default_preprocess  # noqa: E402
 from tests.conftest import BAD_KINDS, make_model, training_checkpoint, write_bad  # noqa: E402
 
 
-def make_tree(root: Path, n: int, seed: int = 0) -> None:
+def make_tree(root: Path, n: int) -> None:
     from sklearn.datasets import load_sample_images
 
+    make_photo_tree(root, n)
     photos = load_sample_images().images
-    rng = np.random.default_rng(seed)
-    for k in range(n):
-        split = "val" if k % 5 == 0 else "train"
-        cls = f"n{k % 4:02d}"
-        src = Image.fromarray(photos[k % 2])
-        scale = rng.uniform(1.0, 1.6)
-        big = src.resize((int(640 * scale), int(427 * scale)), Image.BICUBIC)
-        w, h = (500, 375) if rng.random() < 0.7 else (375, 500)
-        x = int(rng.integers(0, big.width - w + 1)) if big.width >= w else 0
-        y = int(rng.integers(0, big.height - h + 1)) if big.height >= h else 0
-        crop = big.crop((x, y, x + w, y + h))
-        folder = root / split / cls
-        folder.mkdir(parents=True, exist_ok=True)
-        crop.save(folder / f"{k:05d}.JPEG", quality=90)
     for kind in BAD_KINDS:
         write_bad(root / "train" / "n00" / f"bad_{kind}.JPEG", kind, photos)
 

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,9 +76,7 @@ def read_class_order(path: Path) -> list[str]:
         classes = [c for c in classes if c and not c.startswith("#")]
     if not classes:
         raise DataError(f"--class-order {path} lists no classes")
-    dupes = sorted({c for c in classes if classes.count(c) > 1}) if len(set(classes)) != len(
-        classes
-    ) else []
+    dupes = sorted(c for c, n in Counter(classes).items() if n > 1)
     if dupes:
         raise DataError(f"--class-order {path} lists {', '.join(dupes[:5])} more than once")
     return classes
