@@ -25,7 +25,7 @@ EXTRACT_FLAGS ?=
 TRAIN_FLAGS   ?=
 STITCH_FLAGS  ?=
 
-.PHONY: install test test-gpu lint demo clean fix FORCE
+.PHONY: install test test-gpu lint demo bench clean fix FORCE
 
 install: $(VENV)/.installed
 
@@ -46,6 +46,9 @@ lint: install
 
 demo: install
 	$(PY) -m pipeline.demo --out $(DEMO)
+
+bench: install
+	$(PY) bench/suite.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache

@@ -13,14 +13,30 @@ from PIL import Image
 
 
 def make_photo_tree(root: Path, n: int, *, classes: int = 4, val_every: int = 5,
-                    seed: int = 0) -> None:
-    """root/{train,val}/nXX/*.JPEG: every `val_every`-th image goes to val."""
+                    seed: int = 0, workers: int | None = None) -> None:
+    """root/{train,val}/nXX/*.JPEG: images go round the classes; every `val_every`-th round
+    goes to val, so every class has both splits. Written by `workers` processes."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    workers = max(1, min(workers or os.cpu_count() or 1, -(-n // 500)))
+    bounds = [(n * i // workers, n * (i + 1) // workers) for i in range(workers)]
+    if workers == 1:
+        _write_range(root, 0, n, classes, val_every, seed)
+        return
+    with ProcessPoolExecutor(workers) as pool:
+        list(pool.map(_write_range, [root] * workers, [lo for lo, _ in bounds],
+                      [hi for _, hi in bounds], [classes] * workers, [val_every] * workers,
+                      [seed] * workers))
+
+
+def _write_range(root: Path, lo: int, hi: int, classes: int, val_every: int, seed: int) -> None:
     from sklearn.datasets import load_sample_images
 
     photos = [Image.fromarray(p) for p in load_sample_images().images]
-    rng = np.random.default_rng(seed)
-    for k in range(n):
-        split = "val" if k % val_every == 0 else "train"
+    for k in range(lo, hi):
+        rng = np.random.default_rng([seed, k])  # per image: the same tree for any worker count
+        split = "val" if (k // classes) % val_every == 0 else "train"
         src = photos[k % len(photos)]
         scale = rng.uniform(1.0, 1.6)
         big = src.resize((int(src.width * scale), int(src.height * scale)), Image.BICUBIC)
