@@ -13,16 +13,12 @@ import argparse
 import os
 from pathlib import Path
 
-from pipeline.cli import common_parser, log, run_main
+from pipeline.cli import log, run_main, script_parser
 from pipeline.extract import run_extract
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        parents=[common_parser()],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = script_parser(__doc__)
     parser.add_argument("--checkpoint", "--resume", type=Path, required=True,
                         help="the trained model (training-script checkpoint or state dict)")
     parser.add_argument("--data-root", type=Path, required=True,

@@ -16,17 +16,13 @@ from pathlib import Path
 
 import torch
 
-from pipeline.cli import common_parser, log, run_main
+from pipeline.cli import log, run_main, script_parser
 from pipeline.stitch import stitch, verify_on_images
 from pipeline.train import load_head
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        parents=[common_parser()],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = script_parser(__doc__)
     parser.add_argument("--checkpoint", "--resume", type=Path, required=True,
                         help="the original checkpoint (read only)")
     parser.add_argument("--head", type=Path, required=True, help="written by train_head.py")

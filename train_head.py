@@ -14,16 +14,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.cli import common_parser, log, run_main
+from pipeline.cli import log, run_main, script_parser
 from pipeline.train import run_train
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        parents=[common_parser()],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = script_parser(__doc__)
     parser.add_argument("--features", type=Path, required=True,
                         help="the feature store written by extract_features.py")
     parser.add_argument("--out", type=Path, required=True, help="the head file to write")

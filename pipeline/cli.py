@@ -59,6 +59,16 @@ def common_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def script_parser(doc: str) -> argparse.ArgumentParser:
+    """A stage script's parser: the first paragraph of its docstring, the shared flags, defaults
+    shown in --help."""
+    return argparse.ArgumentParser(
+        description=doc.split("\n\n")[0],
+        parents=[common_parser()],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+
+
 def run_main(body: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,
              argv: Sequence[str] | None) -> int:
     """Parse, set up logging, and turn user errors into one line and exit code 2."""
