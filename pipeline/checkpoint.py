@@ -71,7 +71,7 @@ class Checkpoint:
 
 def load_checkpoint(path: Path, *, trust: bool = False, use_ema: bool = False) -> Checkpoint:
     """Read `path` and pull out a clean state dict, the architecture hint and class mapping."""
-    raw = _torch_load(path, trust=trust)
+    raw = torch_load(path, trust=trust)
     if isinstance(raw, torch.nn.Module):
         raw = {"state_dict": raw.state_dict()}
     if not isinstance(raw, Mapping):
@@ -103,7 +103,7 @@ def load_checkpoint(path: Path, *, trust: bool = False, use_ema: bool = False) -
     )
 
 
-def _torch_load(path: Path, *, trust: bool) -> Any:
+def torch_load(path: Path, *, trust: bool) -> Any:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist (or is not a file)")
     if path.stat().st_size == 0:
@@ -148,7 +148,7 @@ def _explain_load_failure(path: Path, exc: Exception, trust: bool) -> str:
     return f"{path} is not a readable PyTorch checkpoint ({first})"
 
 
-def _is_state_dict(obj: Any) -> bool:
+def is_state_dict(obj: Any) -> bool:
     return (
         isinstance(obj, Mapping)
         and len(obj) > 0
@@ -158,20 +158,20 @@ def _is_state_dict(obj: Any) -> bool:
 
 
 def _find_weights(raw: Mapping, *, use_ema: bool, path: Path) -> tuple[str | None, Any]:
-    if _is_state_dict(raw):
+    if is_state_dict(raw):
         if use_ema:
             raise CheckpointError(f"--ema was given but {path} is a bare state dict with no EMA")
         return None, raw
     keys = EMA_KEYS if use_ema else MODEL_KEYS
     for key in keys:
         value = raw.get(key)
-        if isinstance(value, Mapping) and not _is_state_dict(value):
+        if isinstance(value, Mapping) and not is_state_dict(value):
             # Nested: {"model": {"state_dict": {...}}} or timm's {"state_dict_ema": {"module": ...}}
             for inner in MODEL_KEYS:
                 candidate = value.get(inner)
-                if _is_state_dict(candidate) or isinstance(candidate, torch.nn.Module):
+                if is_state_dict(candidate) or isinstance(candidate, torch.nn.Module):
                     return f"{key}.{inner}", value[inner]
-        if _is_state_dict(value) or isinstance(value, torch.nn.Module):
+        if is_state_dict(value) or isinstance(value, torch.nn.Module):
             return key, value
     what = "an EMA copy" if use_ema else "model weights"
     raise CheckpointError(

@@ -318,11 +318,12 @@ def run_extract(
                      "class_audit": {"source": order.source, "warnings": order.warnings}},
     ))
 
-    todo = {}
+    todo, resumed = {}, {}
     for s in scanned:
         done = S.split_progress(group, s.name)
         owned = S.owned_chunks(done.size, rank, world_size)
         todo[s.name] = [c for c in owned if not done[c]]
+        resumed[s.name] = bool(todo[s.name]) and todo[s.name][0] > owned.start
     summary = ExtractSummary(out=out)
     if not any(todo.values()):
         summary.no_op = True
@@ -341,10 +342,8 @@ def run_extract(
             chunks = todo[s.name]
             if not chunks:
                 continue
-            first = chunks[0]
-            if first > S.owned_chunks(len(S.split_progress(group, s.name)), rank,
-                                      world_size).start:
-                log.info("%s: resuming at chunk %d", s.name, first)
+            if resumed[s.name]:
+                log.info("%s: resuming at chunk %d", s.name, chunks[0])
             total = sum(min(chunk_rows, len(s.files) - c * chunk_rows) for c in chunks)
             q, r = _extract_split(group, s, chunks, chunk_rows, process, pool, total)
             summary.images += total

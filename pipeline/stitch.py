@@ -27,11 +27,11 @@ from . import __version__
 from .checkpoint import (
     EMA_KEYS,
     MODEL_KEYS,
-    _is_state_dict,
-    _torch_load,
     hash_tensors,
+    is_state_dict,
     load_checkpoint,
     strip_prefixes,
+    torch_load,
 )
 from .errors import CheckpointError, DataError
 from .models import build_model, head_out_features
@@ -64,16 +64,16 @@ class StitchSummary:
 
 
 def containers(raw: Any) -> list[Container]:
-    if _is_state_dict(raw):
+    if is_state_dict(raw):
         return [Container((), raw, strip_prefixes(raw)[1])]
     found = []
     for key in MODEL_KEYS + EMA_KEYS:
         value = raw.get(key)
-        if _is_state_dict(value):
+        if is_state_dict(value):
             found.append(Container((key,), value, strip_prefixes(value)[1]))
         elif isinstance(value, Mapping):
             for inner in MODEL_KEYS:
-                if _is_state_dict(value.get(inner)):
+                if is_state_dict(value.get(inner)):
                     found.append(Container((key, inner), value[inner],
                                            strip_prefixes(value[inner])[1]))
                     break
@@ -156,7 +156,7 @@ def stitch(*, checkpoint: Path, head_path: Path, out: Path, overwrite: bool = Fa
             sd[key] = tensor.to(dtype=sd[key].dtype).clone()
         new = _set(new, c.path, sd)
 
-    if isinstance(raw, Mapping) and not _is_state_dict(raw):
+    if isinstance(raw, Mapping) and not is_state_dict(raw):
         new = _set_mapping(new, classes)
         new, dropped = _drop_head_optimizer_state(new, ckpt, head_name, store["arch"])
         notices += dropped
@@ -175,7 +175,7 @@ def stitch(*, checkpoint: Path, head_path: Path, out: Path, overwrite: bool = Fa
                        "inside it: it is in the head file's `classes`")
     for note in notices:
         log.warning("stitch: %s", note)
-    _save_verified(new, out, checkpoint, copies, head_name, weight, bias, trust_checkpoint)
+    _save_verified(new, out, raw, copies, head_name, weight, bias, trust_checkpoint)
     return StitchSummary(out, ["/".join(c.path) or "state dict" for c in copies], notices)
 
 
@@ -240,7 +240,7 @@ def _head_param_indices(ckpt, head_name: str, arch: str, groups) -> set[int] | N
             if n in (f"{head_name}.weight", f"{head_name}.bias")}
 
 
-def _save_verified(new: Any, out: Path, checkpoint: Path, copies: list[Container],
+def _save_verified(new: Any, out: Path, original: Any, copies: list[Container],
                    head_name: str, weight: torch.Tensor, bias: torch.Tensor,
                    trust: bool) -> None:
     """Temp file beside `out`, fsync, reload and verify, os.replace, fsync the folder."""
@@ -255,7 +255,7 @@ def _save_verified(new: Any, out: Path, checkpoint: Path, copies: list[Container
             torch.save(new, f)
             f.flush()
             os.fsync(f.fileno())
-        _verify(tmp, checkpoint, copies, head_name, weight, bias, trust)
+        _verify(tmp, original, copies, head_name, weight, bias, trust)
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -277,12 +277,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _verify(path: Path, checkpoint: Path, copies: list[Container], head_name: str,
+def _verify(path: Path, original: Any, copies: list[Container], head_name: str,
             weight: torch.Tensor, bias: torch.Tensor, trust: bool) -> None:
-    """Reload both files from disk: every non-head tensor bit-identical, the head as trained."""
-    written = _torch_load(path, trust=trust)
-    original = _torch_load(checkpoint, trust=trust)
-    if isinstance(original, Mapping) and not _is_state_dict(original):
+    """Reload the written file from disk and compare it with the original as loaded (stitching
+    builds new dicts and never mutates it): every non-head tensor bit-identical, the head as
+    trained, no key lost."""
+    written = torch_load(path, trust=trust)
+    if isinstance(original, Mapping) and not is_state_dict(original):
         missing = set(original) - set(written)
         if missing:
             raise CheckpointError(f"verification failed: keys {sorted(missing)} were lost")

@@ -43,13 +43,19 @@ class TrainSummary:
                 f"({self.ms_per_epoch:.1f} ms/epoch) -> {self.out}")
 
 
-def load_split(group, split: str, rows: np.ndarray | None = None) -> H.Features:
+def load_split(group, split: str, masks: Sequence[np.ndarray | None] = (None,)
+               ) -> list[H.Features]:
+    """The usable rows of `split`, one Features per mask (None: all), reading the arrays once."""
     g = group[split]
     ok = g["ok"][:].astype(bool)
     x = g["features"][:]
     y = g["labels"][:].astype(np.int64)
-    keep = ok if rows is None else ok & rows
-    return H.Features(torch.from_numpy(np.ascontiguousarray(x[keep])), torch.from_numpy(y[keep]))
+    out = []
+    for rows in masks:
+        keep = ok if rows is None else ok & rows
+        out.append(H.Features(torch.from_numpy(np.ascontiguousarray(x[keep])),
+                              torch.from_numpy(y[keep])))
+    return out
 
 
 def run_train(
@@ -126,12 +132,12 @@ def run_train(
                              trust_checkpoint)
 
     # --- load features ----------------------------------------------------------------------
-    train = load_split(group, "train", ~holdout_mask)
+    train, holdout = load_split(group, "train", (~holdout_mask, holdout_mask))
     evals: dict[str, H.Features] = {}
-    if holdout_mask.any():
-        evals["holdout"] = load_split(group, "train", holdout_mask)
+    if len(holdout):
+        evals["holdout"] = holdout
     if "val" in splits:
-        val = load_split(group, "val")
+        (val,) = load_split(group, "val")
         if len(val):
             evals["val"] = val
     resident = _fits(train, dev) if stream is None else not stream
