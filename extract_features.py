@@ -45,14 +45,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chunk-rows", type=int,
                         help="rows per storage chunk (the unit of resume and of writers)")
     parser.add_argument("--num-threads", type=int,
-                        help="CPU threads for decoding and the CPU model (default: cores, max 16)")
+                        help="DALI decoder threads and torch CPU threads (default: cores, max 16)")
+    parser.add_argument("--read-workers", type=int,
+                        help="DALI worker processes that read, check and measure the files "
+                        "(default: a quarter of --num-threads, at least 1, at most 8)")
+    parser.add_argument("--progress-every", type=float, metavar="SECONDS",
+                        help="when stderr is not a terminal (a SLURM or nohup log), log a "
+                        "progress line this often")
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction,
                         help="use the checkpoint's EMA weights")
     parser.add_argument("--out", type=Path, required=True, help="the feature store to write")
     parser.add_argument("--overwrite", action=argparse.BooleanOptionalAction,
                         help="replace a store that was made from other inputs")
     parser.set_defaults(batch_size=128, decoder="auto", precision="auto", float32=False,
-                        chunk_rows=1024, ema=False, overwrite=False)
+                        chunk_rows=1024, ema=False, overwrite=False, progress_every=30.0)
     return parser
 
 
@@ -64,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             resize=args.resize, crop=args.crop, batch_size=args.batch_size,
             device=args.device, decoder=args.decoder, precision=args.precision,
             float32=args.float32, chunk_rows=args.chunk_rows, num_threads=args.num_threads,
+            read_workers=args.read_workers, progress_every=args.progress_every,
             overwrite=args.overwrite, trust_checkpoint=args.trust_checkpoint, use_ema=args.ema,
             rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)),
             argv=argv,

@@ -21,3 +21,7 @@ class DataError(QuickFixError):
 
 class StoreError(QuickFixError):
     """The feature store is missing, incomplete, or belongs to other inputs."""
+
+
+class SetupError(QuickFixError):
+    """This machine cannot run what was asked: a library, driver or device does not work."""

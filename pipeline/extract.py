@@ -11,23 +11,24 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from . import data as D
 from . import models as M
+from . import readers as R
 from . import store as S
 from .checkpoint import Checkpoint, hash_tensors, load_checkpoint
 from .cli import package_versions, run_record
 from .errors import ArchitectureError, DataError, StoreError
+from .progress import Progress
 
 log = logging.getLogger("quickfix")
 
@@ -41,6 +42,9 @@ class ExtractSummary:
     seconds: float = 0.0
     no_op: bool = False
     splits: dict[str, int] = field(default_factory=dict)
+    # where the time went: waiting for decoded batches, the forward pass (host side), the
+    # writer thread's busy time (it overlaps the others), batches DALI re-decoded on the side
+    profile: dict[str, float] = field(default_factory=dict)
 
     def line(self) -> str:
         if self.no_op:
@@ -75,12 +79,12 @@ def resolve_device(device: str) -> torch.device:
 
 def resolve_decoder(decoder: str) -> str:
     if decoder == "auto":
-        if D.dali_available():
+        if R.dali_available():
             return "dali"
         log.warning("NVIDIA DALI is not installed: decoding with PIL (slower); "
                     "install nvidia-dali-cuda130 for the fast path")
         return "pil"
-    if decoder == "dali" and not D.dali_available():
+    if decoder == "dali" and not R.dali_available():
         raise DataError("--decoder dali: NVIDIA DALI is not installed "
                         "(pip install nvidia-dali-cuda130), or pass --decoder pil")
     return decoder
@@ -126,101 +130,56 @@ def _forward_context(device: torch.device, precision: str):
     return nullcontext()
 
 
-class ChunkProcessor:
-    """Turns one chunk's files into (features, ok, reasons); one bad file costs only its row."""
+class Engine:
+    """The backbone on its device: images in, features on their way to the host out.
 
-    def __init__(self, model: Model, pre: M.Preprocess, *, device: torch.device, decoder: str,
-                 precision: str, batch_size: int, pool: ThreadPoolExecutor, num_threads: int,
-                 out_dtype: np.dtype):
-        self.model, self.pre, self.device = model, pre, device
-        self.precision, self.batch_size, self.pool = precision, batch_size, pool
-        self.out_dtype = out_dtype
-        self.dali = None
-        if decoder == "dali":
-            device_id = (device.index or 0) if device.type == "cuda" else None
-            self.dali = D.DaliDecoder(pre, device=dali_device(device), max_batch=batch_size,
-                                      num_threads=num_threads, device_id=device_id)
-        self.memory_format = (torch.channels_last if device.type == "cuda"
-                              else torch.contiguous_format)
+    On CUDA the forward pass is queued on the current stream and its features are copied into one
+    of a few pinned host buffers without blocking; the returned CUDA event says when they have
+    landed, and `release` gives the buffer back (and lets DALI's input buffer go). The host never
+    waits for the GPU here, so the GPU computes batch k while DALI decodes batch k+1.
+    """
 
-    def __call__(self, blobs: Sequence[tuple[bytes, str | None]], progress: tqdm | None
-                 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        n = len(blobs)
-        feats = np.zeros((n, self.model.feature_dim), dtype=self.out_dtype)
-        ok = np.zeros(n, dtype=bool)
-        reasons = [""] * n
-        rows: list[list[int]] = []
-        outputs: list[torch.Tensor] = []
-        for lo in range(0, n, self.batch_size):
-            hi = min(lo + self.batch_size, n)
-            batch = self._batch(blobs, lo, hi, reasons)
-            if batch is not None:
-                rows.append(batch[0])
-                outputs.append(batch[1])
-            if progress is not None:
-                progress.update(hi - lo)
-        if outputs:
-            # One device-to-host copy per chunk: on CUDA the forward passes stay queued while
-            # DALI decodes the next batch, instead of a sync after every batch.
-            order = [i for r in rows for i in r]
-            feats[order] = torch.cat(outputs).float().cpu().numpy().astype(self.out_dtype)
-            ok[order] = True
-        return feats, ok, reasons
-
-    def _batch(self, blobs, lo, hi, reasons) -> tuple[list[int], torch.Tensor] | None:
-        """Decode rows lo..hi and run the backbone; (rows that worked, their features)."""
-        images: dict[int, torch.Tensor] = {}
-        to_dali: list[int] = []
-        to_pil: list[int] = []
-        sizes: dict[int, tuple[int, int]] = {}
-        for i in range(lo, hi):
-            data, read_error = blobs[i]
-            fmt, problem = D.sniff(data) if read_error is None else (None, read_error)
-            if problem is not None:
-                reasons[i] = problem
-                continue
-            size = D.image_size(data) if self.dali is not None and fmt in D.DALI_FORMATS else None
-            if size is not None:
-                sizes[i] = size
-                to_dali.append(i)
-            else:
-                to_pil.append(i)
-        if to_dali:
-            decoded, errors = self.dali.decode([blobs[i][0] for i in to_dali],
-                                               [sizes[i] for i in to_dali])
-            rows = iter(decoded) if decoded is not None else iter(())
-            for i, err in zip(to_dali, errors, strict=True):
-                if err is None:
-                    images[i] = next(rows)
-                else:  # DALI cannot decode it; PIL may (and is the reference anyway)
-                    reasons[i] = err
-                    to_pil.append(i)
-        if to_pil:
-            results = self.pool.map(self._pil, [blobs[i][0] for i in to_pil])
-            for i, (img, err) in zip(to_pil, results, strict=True):
-                if img is None:
-                    reasons[i] = f"{reasons[i]}; {err}" if reasons[i] else err
-                else:
-                    images[i] = img
-                    if reasons[i]:
-                        reasons[i] = f"decoded by PIL after: {reasons[i]}"
-        if not images:
-            return None
-        order = sorted(images)
-        batch = torch.stack([images[i].to(self.device) for i in order])
-        return order, self._forward(batch)
-
-    def _pil(self, data: bytes) -> tuple[torch.Tensor | None, str | None]:
-        try:
-            return D.pil_transform(D.pil_decode(data), self.pre), None
-        except Exception as exc:  # PIL raises many types for undecodable data
-            return None, f"undecodable: {type(exc).__name__}: {str(exc)[:160]}"
+    def __init__(self, model: Model, device: torch.device, precision: str, out_dtype: np.dtype,
+                 batch_size: int, buffers: int = 4):
+        self.model, self.device, self.precision = model, device, precision
+        self.cuda = device.type == "cuda"
+        self.memory_format = torch.channels_last if self.cuda else torch.contiguous_format
+        self.out_dtype = torch.float32 if out_dtype == np.float32 else torch.float16
+        self.forward_seconds = 0.0
+        self._free: queue.Queue = queue.Queue()
+        if self.cuda:
+            for _ in range(buffers):
+                self._free.put(torch.empty(batch_size, model.feature_dim, dtype=self.out_dtype,
+                                           pin_memory=True))
 
     @torch.inference_mode()
-    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
-        batch = batch.contiguous(memory_format=self.memory_format)
+    def __call__(self, images: torch.Tensor, keep: object = None, check=lambda: None):
+        """(features [n, D], CUDA event or None, release callback or None).
+
+        `check` raises if the consumer of the features has failed (so we never wait on it)."""
+        start = time.perf_counter()
+        x = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         with _forward_context(self.device, self.precision):
-            return self.model.backbone(batch).flatten(1)
+            features = self.model.backbone(x).flatten(1)
+        if not self.cuda:
+            self.forward_seconds += time.perf_counter() - start
+            return features, None, None
+        while True:  # wait while the writer holds every buffer, unless it has failed
+            try:
+                buf = self._free.get(timeout=1.0)
+                break
+            except queue.Empty:
+                check()
+        out = buf[:len(features)]
+        out.copy_(features.to(self.out_dtype), non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        self.forward_seconds += time.perf_counter() - start
+
+        def release(buf=buf, keep=keep, x=x):  # the GPU is done with x and DALI's buffer
+            self._free.put(buf)
+
+        return out, ready, release
 
 
 def run_extract(
@@ -240,6 +199,8 @@ def run_extract(
     float32: bool = False,
     chunk_rows: int = 1024,
     num_threads: int | None = None,
+    read_workers: int | None = None,
+    progress_every: float = 30.0,
     overwrite: bool = False,
     trust_checkpoint: bool = False,
     use_ema: bool = False,
@@ -250,6 +211,9 @@ def run_extract(
     # --- validate everything before any heavy work -------------------------------------------
     if batch_size < 1 or chunk_rows < 1:
         raise DataError("--batch-size and --chunk-rows must be at least 1")
+    if (num_threads is not None and num_threads < 1) or (read_workers is not None
+                                                         and read_workers < 1):
+        raise DataError("--num-threads and --read-workers must be at least 1")
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is outside world size {world_size}")
     if out.exists() and not S.is_store(out):
@@ -261,6 +225,9 @@ def run_extract(
     if precision != "fp32" and dev.type != "cuda":
         raise DataError(f"--precision {precision} needs --device cuda; on the CPU use fp32")
     num_threads = num_threads or min(os.cpu_count() or 1, 16)
+    # Reading, sniffing and header parsing cost ~0.1 ms a file in a worker process: one worker
+    # feeds a few CPU decoder threads, several feed the GPU decoder.
+    read_workers = read_workers or max(1, min(8, num_threads // 4))
     split_names = D.find_splits(data_root, splits)
 
     ckpt = load_checkpoint(checkpoint, trust=trust_checkpoint, use_ema=use_ema)
@@ -309,7 +276,7 @@ def run_extract(
         record=run_record(argv, {
             "checkpoint": str(checkpoint), "data_root": str(data_root), "arch": model.arch,
             "class_order_source": order.source, "preprocessing_source": pre_source,
-            "batch_size": batch_size, "num_threads": num_threads,
+            "batch_size": batch_size, "num_threads": num_threads, "read_workers": read_workers,
         }),
         extra_attrs={"checkpoint": {"path": str(checkpoint.resolve()),
                                     "backbone_sha256": model.backbone_sha256,
@@ -329,54 +296,69 @@ def run_extract(
         summary.no_op = True
         return summary
 
-    torch.set_num_threads(num_threads)
-    model.backbone.to(dev)
-    if dev.type == "cuda":
-        model.backbone.to(memory_format=torch.channels_last)
+    for s in scanned:
+        if resumed[s.name]:
+            log.info("%s: resuming at chunk %d", s.name, todo[s.name][0])
+        summary.splits[s.name] = sum(min(chunk_rows, len(s.files) - c * chunk_rows)
+                                     for c in todo[s.name])
+    summary.images = sum(summary.splits.values())
+    plan = R.plan_batches([(i, c, len(s.files)) for i, s in enumerate(scanned)
+                           for c in todo[s.name]], chunk_rows, batch_size)
+    roots, files = [s.root for s in scanned], [s.files for s in scanned]
+
     start = time.perf_counter()
-    with ThreadPoolExecutor(num_threads) as pool:
-        process = ChunkProcessor(model, pre, device=dev, decoder=decoder, precision=precision,
-                                 batch_size=batch_size, pool=pool, num_threads=num_threads,
-                                 out_dtype=out_dtype)
-        for s in scanned:
-            chunks = todo[s.name]
-            if not chunks:
-                continue
-            if resumed[s.name]:
-                log.info("%s: resuming at chunk %d", s.name, chunks[0])
-            total = sum(min(chunk_rows, len(s.files) - c * chunk_rows) for c in chunks)
-            q, r = _extract_split(group, s, chunks, chunk_rows, process, pool, total)
-            summary.images += total
-            summary.quarantined += q
-            summary.rescued += r
-            summary.splits[s.name] = total
+    if decoder == "dali":
+        reader = R.DaliReader(roots, files, plan, pre, device=dali_device(dev),
+                              batch_size=batch_size, num_threads=num_threads,
+                              workers=read_workers,
+                              device_id=(dev.index or 0) if dev.type == "cuda" else None,
+                              half=dev.type == "cuda" and precision != "fp32")
+    else:
+        reader = R.PilReader(roots, files, plan, pre, num_threads=num_threads)
+    try:
+        reader.start()  # before the model touches CUDA: DALI's workers are forked
+        torch.set_num_threads(num_threads)
+        model.backbone.to(dev)
+        if dev.type == "cuda":
+            model.backbone.to(memory_format=torch.channels_last)
+        engine = Engine(model, dev, precision, out_dtype, batch_size)
+        _run_batches(reader, engine, group, scanned, chunk_rows, out_dtype, summary,
+                     progress_every)
+    finally:
+        reader.close()
     summary.seconds = time.perf_counter() - start
+    summary.profile["recovered_batches"] = getattr(reader, "recovered_batches", 0)
     return summary
 
 
-def _extract_split(group, split: D.Split, chunks: list[int], chunk_rows: int,
-                   process: ChunkProcessor, pool: ThreadPoolExecutor, total: int
-                   ) -> tuple[int, int]:
-    def read(c: int) -> list[Future]:
-        paths = split.files[c * chunk_rows:(c + 1) * chunk_rows]
-        return [pool.submit(D.read_bytes, split.root / p) for p in paths]
-
-    quarantined = rescued = 0
-    with tqdm(total=total, unit="img", desc=split.name, dynamic_ncols=True,
-              disable=None, smoothing=0.1) as bar:
-        pending = read(chunks[0])
-        for k, c in enumerate(chunks):
-            blobs = [f.result() for f in pending]
-            if k + 1 < len(chunks):  # read the next chunk's files while this one computes
-                pending = read(chunks[k + 1])
-            feats, ok, reasons = process(blobs, bar)
-            S.write_chunk(group, split.name, c, feats, ok, reasons)
-            lo = c * chunk_rows
-            for i in np.flatnonzero(~ok):
-                log.warning("quarantined %s: %s", split.files[lo + i], reasons[i])
-            quarantined += int((~ok).sum())
-            rescued += sum(1 for i, r in enumerate(reasons) if r and ok[i])
-    return quarantined, rescued
+def _run_batches(reader, engine: Engine, group, scanned: list[D.Split], chunk_rows: int,
+                 out_dtype: np.dtype, summary: ExtractSummary, progress_every: float) -> None:
+    """Decode (reader, in the background) -> forward (here) -> write (writer thread)."""
+    writer = S.ChunkWriter(group, [s.name for s in scanned], [s.files for s in scanned],
+                           chunk_rows=chunk_rows, feature_dim=engine.model.feature_dim,
+                           dtype=out_dtype)
+    waited = 0.0
+    try:
+        with Progress(summary.images, "extract", interval=progress_every) as progress:
+            batches = iter(reader)
+            while True:
+                t0 = time.perf_counter()
+                batch = next(batches, None)
+                waited += time.perf_counter() - t0
+                if batch is None:
+                    break
+                features, ready, release = engine(batch.images, batch.keep,
+                                                  writer.raise_if_failed)
+                writer.put(batch.split, batch.lo, features, batch.ok, batch.reasons,
+                           ready=ready, release=release)
+                progress.update(batch.n)
+            writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    summary.quarantined, summary.rescued = writer.quarantined, writer.rescued
+    summary.profile.update(wait_for_batches_s=waited, forward_s=engine.forward_seconds,
+                           writer_busy_s=writer.busy_seconds)
 
 
 def _open_or_create(out: Path, components: dict, *, overwrite: bool, rank: int,

@@ -181,15 +181,158 @@ def owned_chunks(num_chunks: int, rank: int, world_size: int) -> range:
 
 def write_chunk(group: zarr.Group, split: str, chunk: int, features: np.ndarray,
                 ok: np.ndarray, reasons: Sequence[str]) -> None:
-    """Write one chunk's rows, then mark it done (the mark is the commit point)."""
+    """Write one chunk's rows durably, then mark it done (the mark is the commit point).
+
+    The rows are fsynced before the mark is written, so after a crash or power loss a chunk
+    marked done always has its data on disk; a chunk without its mark is simply redone.
+    """
     g = group[split]
     rows = g.attrs["chunk_rows"]
     lo = chunk * rows
     hi = lo + len(features)
-    g["features"][lo:hi] = features
-    g["ok"][lo:hi] = ok.astype(np.uint8)
-    g["reasons"][lo:hi] = np.asarray(reasons, dtype=str)
+    arrays = (g["features"], g["ok"], g["reasons"])
+    arrays[0][lo:hi] = features
+    arrays[1][lo:hi] = ok.astype(np.uint8)
+    arrays[2][lo:hi] = np.asarray(reasons, dtype=str)
+    _fsync_chunks(arrays, chunk)
     g["chunk_done"][chunk] = 1
+    _fsync_chunks((g["chunk_done"],), chunk)
+
+
+def _fsync_chunks(arrays, chunk: int) -> None:
+    """fsync the storage file of `chunk` in each array, and the folder that names it."""
+    for arr in arrays:
+        root = getattr(arr.store, "root", None)
+        if root is None:  # not a local store: durability is the store's own business
+            continue
+        key = arr.metadata.encode_chunk_key((chunk,) + (0,) * (arr.ndim - 1))
+        path = Path(root) / arr.path / key
+        for target, flags in ((path, os.O_RDONLY), (path.parent, os.O_RDONLY | os.O_DIRECTORY)):
+            try:
+                fd = os.open(target, flags)
+            except FileNotFoundError:  # an all-fill chunk is not written at all
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+class ChunkWriter:
+    """Assembles finished rows into chunks and writes them on a background thread.
+
+    `put` hands over the features of rows lo..lo+n of one split (a tensor, possibly still being
+    copied from the GPU: `ready` is then a CUDA event to wait for). When every row of a chunk
+    has arrived, the chunk is written and marked done (`write_chunk`). Quarantined rows are
+    written as zeros. The first error stops the writer; `put` and `close` raise it.
+    """
+
+    def __init__(self, group: zarr.Group, splits: Sequence[str], files: Sequence[Sequence[str]],
+                 *, chunk_rows: int, feature_dim: int, dtype: np.dtype, queue_size: int = 4):
+        import queue
+        import threading
+
+        self.group, self.splits, self.files = group, list(splits), files
+        self.chunk_rows, self.feature_dim, self.dtype = chunk_rows, feature_dim, np.dtype(dtype)
+        self.quarantined = self.rescued = self.chunks_written = 0
+        self.busy_seconds = 0.0
+        self._open: dict[tuple[int, int], list] = {}
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="quickfix-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, split: int, lo: int, features, ok: np.ndarray, reasons: Sequence[str], *,
+            ready=None, release=None) -> None:
+        self._raise_if_failed()
+        self._queue.put((split, lo, features, ok, list(reasons), ready, release))
+
+    def close(self) -> None:
+        """Write what is queued, stop the thread, and raise its error if it had one."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._raise_if_failed()
+        if self._open:
+            raise RuntimeError(f"{len(self._open)} chunk(s) were left incomplete")
+
+    def abort(self) -> None:
+        """Stop after the write in progress; queued rows are dropped (their chunks stay undone)."""
+        if self._error is None:
+            self._error = _Aborted()
+        if self._thread.is_alive():
+            self._queue.put(None)  # the loop drains the queue once an error is set
+            self._thread.join()
+
+    def raise_if_failed(self) -> None:
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None and not isinstance(self._error, _Aborted):
+            err = self._error
+            if isinstance(err, OSError):
+                where = getattr(self.group.store, "root", self.group.store)
+                raise StoreError(f"cannot write the feature store {where}: "
+                                 f"{err.strerror or err}") from err
+            raise err
+
+    def _loop(self) -> None:
+        import time
+
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            release = item[-1]
+            if self._error is not None:  # failed or aborted: drain, so `put` never blocks
+                if release is not None:
+                    release()
+                continue
+            start = time.perf_counter()
+            try:
+                self._take(*item)
+            except BaseException as exc:  # handed to the main thread by put/close
+                self._error = exc
+            self.busy_seconds += time.perf_counter() - start
+
+    def _take(self, split, lo, features, ok, reasons, ready, release) -> None:
+        try:
+            if ready is not None:
+                ready.synchronize()  # the device-to-host copy of these rows has landed
+            rows = np.asarray(features)[:len(ok)].astype(self.dtype, copy=True)
+        finally:
+            if release is not None:
+                release()
+        rows[~ok] = 0
+        n_split = len(self.files[split])
+        c = lo // self.chunk_rows
+        c_lo = c * self.chunk_rows
+        c_n = min(self.chunk_rows, n_split - c_lo)
+        if lo + len(ok) > c_lo + c_n:
+            raise RuntimeError(f"rows {lo}..{lo + len(ok)} cross the end of chunk {c}")
+        acc = self._open.get((split, c))
+        if acc is None:
+            acc = self._open[(split, c)] = [np.zeros((c_n, self.feature_dim), self.dtype),
+                                            np.zeros(c_n, bool), [""] * c_n, 0]
+        feats, good, why, _ = acc
+        a = lo - c_lo
+        feats[a:a + len(ok)] = rows
+        good[a:a + len(ok)] = ok
+        why[a:a + len(ok)] = reasons
+        acc[3] += len(ok)
+        if acc[3] < c_n:
+            return
+        del self._open[(split, c)]
+        write_chunk(self.group, self.splits[split], c, feats, good, why)
+        self.chunks_written += 1
+        for i in np.flatnonzero(~good):
+            log.warning("quarantined %s: %s", self.files[split][c_lo + i], why[i])
+        self.quarantined += int((~good).sum())
+        self.rescued += sum(1 for i, r in enumerate(why) if r and good[i])
+
+
+class _Aborted(Exception):
+    pass
 
 
 def verify_complete(group: zarr.Group, split: str) -> None:

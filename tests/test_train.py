@@ -122,7 +122,11 @@ def test_each_grid_point_equals_its_solo_run(tmp_path, digits):
     for i, (lr, wd) in enumerate([(0.01, 0.0), (0.01, 1e-3), (0.1, 0.0), (0.1, 1e-3)]):
         solo = H.train_heads(train, H.TrainConfig(lrs=[lr], wds=[wd], **cfg), num_classes=10,
                              device=torch.device("cpu"))
-        torch.testing.assert_close(grid.weight[i], solo.weight[0], rtol=1e-4, atol=1e-5)
+        # The batched and the solo GEMMs sum in different orders: float32 rounding, relative
+        # to the head's scale (raw-space weights reach hundreds on standardised digits), not to
+        # each element (a near-zero element differed by 1.5e-5 on one machine).
+        scale = float(solo.weight[0].abs().max())
+        torch.testing.assert_close(grid.weight[i], solo.weight[0], rtol=1e-4, atol=1e-5 * scale)
         torch.testing.assert_close(grid.bias[i], solo.bias[0], rtol=1e-4, atol=1e-5)
     assert not torch.allclose(grid.weight[0], grid.weight[2])  # the points really differ
 
