@@ -68,11 +68,12 @@ def machine(dev: torch.device) -> dict:
 
 
 def subset_tree(data: Path, out: Path, n: int) -> Path:
-    """out/train/<class>/<file>: symlinks to the first n train images of `data`."""
+    """out/train/<class>/<file>: symlinks to the first n train images of `data` by file name
+    (the generator numbers images across classes, so every class is in)."""
     if out.is_dir():
         return out
     tmp = out.with_name(out.name + ".tmp")
-    for f in sorted((data / "train").rglob("*.JPEG"))[:n]:
+    for f in sorted((data / "train").rglob("*.JPEG"), key=lambda p: p.name)[:n]:
         link = tmp / "train" / f.parent.name / f.name
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(f)

@@ -238,7 +238,7 @@ class DaliReader:
     def __init__(self, roots: Sequence[Path], files: Sequence[Sequence[str]], plan: np.ndarray,
                  pre: Preprocess, *, device: str, batch_size: int, num_threads: int,
                  workers: int, device_id: int | None = None, half: bool = False,
-                 hw_decoder_load: float = 0.65, prefetch: int = 2):
+                 hw_decoder_load: float = 0.65, prefetch: int = 3):
         self.roots, self.files, self.plan, self.pre = [str(r) for r in roots], files, plan, pre
         self.device, self.batch_size, self.num_threads = device, batch_size, num_threads
         self.workers, self.prefetch, self.hw_decoder_load = workers, prefetch, hw_decoder_load
@@ -266,7 +266,8 @@ class DaliReader:
         def pipe():
             encoded, roi_start, roi_end, row, reason = fn.external_source(
                 source, num_outputs=5, batch=True, batch_info=True, parallel=True,
-                prefetch_queue_depth=self.workers + 1,
+                # batches read ahead: enough that each worker has the next one in hand
+                prefetch_queue_depth=max(4, 2 * self.workers),
                 dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT64, types.UINT8])
             images = _graph(encoded, roi_start, roi_end, self.pre, device=self.device,
                             layout=self.out.layout, half=self.out.half,
