@@ -18,6 +18,7 @@ import ctypes
 import io
 import os
 import signal
+import stat
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,12 +62,28 @@ def sniff(data: bytes) -> tuple[str | None, str | None]:
     return fmt, None
 
 
+MAX_FILE_BYTES = 1 << 30  # no photo is this large; a file that is would exhaust memory
+
+
 def read_bytes(path: Path | str) -> tuple[bytes, str | None]:
+    """(contents, None), or (b"", why not): a FIFO, device or directory named like an image is
+    refused without blocking on it, and so is a file too large to be a photo."""
     try:
-        with open(path, "rb") as f:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        return b"", f"cannot read: {exc.strerror or exc}"
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return b"", "cannot read: not a regular file"
+        if st.st_size > MAX_FILE_BYTES:
+            return b"", f"cannot read: {st.st_size / 2**30:.1f} GiB is too large for an image"
+        with os.fdopen(fd, "rb", closefd=False) as f:
             return f.read(), None
     except OSError as exc:
         return b"", f"cannot read: {exc.strerror or exc}"
+    finally:
+        os.close(fd)
 
 
 def image_size(data: bytes) -> tuple[int, int] | None:
@@ -177,9 +194,9 @@ class BatchSource:
         for row in range(lo, lo + n):
             encoded, start, end, reason, _ = prepare(os.path.join(root, files[row]),
                                                      self.resize, self.crop)
-            for col, value in zip(cols, (encoded, start, end, np.array([row], dtype=np.int64),
-                                         np.frombuffer(reason.encode(), dtype=np.uint8)),
-                                  strict=True):
+            values = (encoded, start, end, np.array([row], dtype=np.int64),
+                      np.frombuffer(reason.encode("utf-8", "replace"), dtype=np.uint8))
+            for col, value in zip(cols, values, strict=True):
                 col.append(value)
         return cols
 

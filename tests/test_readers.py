@@ -93,6 +93,25 @@ def test_dali_reader_gives_every_row_in_order_without_copies(tmp_path, photos):
         assert torch.equal(got, want), split.files[row]
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_fifo_or_a_folder_named_like_an_image_is_quarantined_not_waited_on(tmp_path, tree,
+                                                                             ckpt):
+    os.mkfifo(tree / "train" / "n01" / "fifo.JPEG")  # reading it would block forever
+    (tree / "train" / "n01" / "folder.JPEG").mkdir()
+    os.symlink("/dev/zero", tree / "train" / "n01" / "zero.JPEG")  # endless
+    out = tmp_path / "f.zarr"
+    assert extract_features.main(extract_args(ckpt, tree, out)) == 0
+    import zarr
+
+    g = zarr.open_group(str(out))["train"]
+    why = dict(zip(g["files"][:], g["reasons"][:], strict=True))
+    ok = dict(zip(g["files"][:], g["ok"][:], strict=True))
+    for name in ("n01/fifo.JPEG", "n01/zero.JPEG"):
+        assert not ok[name] and why[name] == "cannot read: not a regular file"
+    assert "n01/folder.JPEG" not in why  # a folder is not listed as a file at all
+    assert sum(ok.values()) == 12
+
+
 def test_a_failed_batch_costs_only_the_bad_files_row(tmp_path, photos):
     tree = make_tree(tmp_path / "data", photos, per_class=(3, 0), classes=("a", "b", "c"))
     # passes every check on the bytes, fails in DALI's decoder: its whole batch fails in DALI
