@@ -251,13 +251,16 @@ class DaliReader:
         self._pipe = None
         self.recovered_batches = 0
 
-    def start(self) -> None:
-        """Start the worker processes and build the pipeline; on CUDA call it before anything
-        else creates a CUDA context, so the workers can be forked."""
+    def start(self, first: int = 0) -> None:
+        """Start the worker processes and build the pipeline for batches first.. of the plan.
+
+        On CUDA call it before anything else creates a CUDA context, so the workers can be
+        forked (after that they are spawned, which costs a few seconds)."""
         from nvidia.dali import fn, pipeline_def, types
 
         fork = not torch.cuda.is_initialized()
-        source = F.BatchSource(self.roots, self.files, self.plan, self.pre.resize, self.pre.crop)
+        source = F.BatchSource(self.roots, self.files, self.plan[first:], self.pre.resize,
+                               self.pre.crop)
 
         @pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads,
                       device_id=self.device_id, prefetch_queue_depth=self.prefetch,
@@ -278,7 +281,8 @@ class DaliReader:
             self._pipe = pipe()
             with F.children_die_with_parent():
                 self._pipe.start_py_workers()
-            self.decoder.probe()
+            if first == 0:
+                self.decoder.probe()
             self._pipe.build()
         except SetupError:
             raise
@@ -299,13 +303,21 @@ class DaliReader:
             except StopIteration:
                 raise RuntimeError(f"DALI stopped at batch {k} of {len(self.plan)}") from None
             except Exception as exc:
+                # DALI fails the whole batch; its executor goes on with the next one.
                 batch, explained = self._recover(split, lo, n, exc)
-                unexplained = 0 if explained else unexplained + 1
+                yield batch
+                if explained:
+                    unexplained = 0
+                    continue
+                unexplained += 1
                 if unexplained >= self.MAX_UNEXPLAINED:
                     raise SetupError(
                         f"DALI failed on {unexplained} batches in a row whose files all decode "
                         f"on their own: {_first_line(exc)}; or pass --decoder pil") from exc
-                yield batch
+                # No bad file explains it: the pipeline itself may be unusable now (older DALI
+                # releases invalidate it after any error). Start a new one at the next batch.
+                self._close_pipe()
+                self.start(first=k + 1)
                 continue
             unexplained = 0
             images, rows, reasons = outputs
@@ -353,6 +365,9 @@ class DaliReader:
 
     def close(self) -> None:
         self._pil.shutdown(wait=False)
+        self._close_pipe()
+
+    def _close_pipe(self) -> None:
         pipe, self._pipe = self._pipe, None
         if pipe is not None:
             pool = getattr(pipe, "_py_pool", None)

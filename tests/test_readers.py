@@ -14,6 +14,7 @@ import extract_features
 from pipeline import data as D
 from pipeline import imagefile as F
 from pipeline import readers as R
+from pipeline.errors import SetupError
 from pipeline.models import Preprocess
 
 from .conftest import SIZE, extract_args, make_tree, write_bad
@@ -255,3 +256,52 @@ def test_a_store_that_cannot_be_written_is_one_line(tmp_path, tree, ckpt, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"error: cannot write the feature store {out}")
     assert not any("Traceback" in line for line in err)
+
+
+class _FlakySource(F.BatchSource):
+    """Fails some batches in the worker, as a full /dev/shm or a dying worker would."""
+
+    fail: set[tuple[int, int]] = set()  # (first row, split) of the batches that fail
+
+    def __call__(self, info):
+        k = info.iteration
+        if k < len(self.plan) and (int(self.plan[k][1]), int(self.plan[k][0])) in self.fail:
+            raise OSError("No space left on device (simulated)")
+        return super().__call__(info)
+
+
+def test_a_failure_no_file_explains_restarts_the_pipeline(tmp_path, photos, monkeypatch):
+    tree = make_tree(tmp_path / "data", photos, per_class=(4, 0))
+    split = _split(tree)
+    monkeypatch.setattr(F, "BatchSource", _FlakySource)
+    monkeypatch.setattr(_FlakySource, "fail", {(3, 0)})  # the second batch of 3 rows
+    reader = _reader(split, batch_size=3, chunk_rows=12)
+    rows = {}
+    try:
+        for batch in reader:
+            for i in range(batch.n):
+                rows[batch.lo + i] = (batch.ok[i], batch.images[i].clone())
+    finally:
+        reader.close()
+    # A worker's error can surface while DALI schedules ahead, i.e. at the batch before the one
+    # that failed; that batch is then re-decoded on the side too, with the same result.
+    assert 1 <= reader.recovered_batches <= 2
+    assert sorted(rows) == list(range(12)) and all(ok for ok, _ in rows.values())
+    for r, want in zip(range(12), _decode_alone(split, range(12)), strict=True):
+        assert torch.equal(rows[r][1], want)
+
+
+def test_a_pipeline_that_keeps_failing_is_a_setup_error(tmp_path, photos, monkeypatch):
+    tree = make_tree(tmp_path / "data", photos, per_class=(4, 0))
+    split = _split(tree)
+    monkeypatch.setattr(F, "BatchSource", _FlakySource)
+    monkeypatch.setattr(_FlakySource, "fail", {(r, 0) for r in range(0, 12, 3)})
+    reader = _reader(split, batch_size=3, chunk_rows=12)
+    seen = 0
+    try:
+        with pytest.raises(SetupError, match="DALI failed on 3 batches in a row"):
+            for batch in reader:
+                seen += batch.n
+    finally:
+        reader.close()
+    assert seen == 9  # three batches recovered on the side, then the run stops
