@@ -261,6 +261,9 @@ def run_extract(
         "feature_dim": model.feature_dim,
         "preprocessing": pre.as_dict(),
         "decoder": "pil" if decoder == "pil" else f"dali-{dali_device(dev)}",
+        # how the crop is resized: a store resumed by another way would mix (slightly) different
+        # features, so it is refused
+        "resize": "torchvision" if decoder == "pil" else "dali-crop-region",
         "compute": {"device": dev.type, "precision": precision},
         "dtype": out_dtype.name,
         "chunk_rows": chunk_rows,
