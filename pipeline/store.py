@@ -23,7 +23,10 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import shutil
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,9 +232,6 @@ class ChunkWriter:
 
     def __init__(self, group: zarr.Group, splits: Sequence[str], files: Sequence[Sequence[str]],
                  *, chunk_rows: int, feature_dim: int, dtype: np.dtype, queue_size: int = 4):
-        import queue
-        import threading
-
         self.group, self.splits, self.files = group, list(splits), files
         self.chunk_rows, self.feature_dim, self.dtype = chunk_rows, feature_dim, np.dtype(dtype)
         self.quarantined = self.rescued = self.chunks_written = 0
@@ -244,7 +244,7 @@ class ChunkWriter:
 
     def put(self, split: int, lo: int, features, ok: np.ndarray, reasons: Sequence[str], *,
             ready=None, release=None) -> None:
-        self._raise_if_failed()
+        self.raise_if_failed()
         self._queue.put((split, lo, features, ok, list(reasons), ready, release))
 
     def close(self) -> None:
@@ -252,7 +252,7 @@ class ChunkWriter:
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
-        self._raise_if_failed()
+        self.raise_if_failed()
         if self._open:
             raise RuntimeError(f"{len(self._open)} chunk(s) were left incomplete")
 
@@ -265,9 +265,6 @@ class ChunkWriter:
             self._thread.join()
 
     def raise_if_failed(self) -> None:
-        self._raise_if_failed()
-
-    def _raise_if_failed(self) -> None:
         if self._error is not None and not isinstance(self._error, _Aborted):
             err = self._error
             if isinstance(err, OSError):
@@ -277,8 +274,6 @@ class ChunkWriter:
             raise err
 
     def _loop(self) -> None:
-        import time
-
         while True:
             item = self._queue.get()
             if item is None:
