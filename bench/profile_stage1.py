@@ -57,13 +57,13 @@ def decode_only(split: D.Split, batch: int, threads: int) -> float:
     def source(k):
         if k >= len(batches):
             raise StopIteration
-        return [p[0] for p in batches[k]], [p[1] for p in batches[k]], [p[2] for p in batches[k]]
+        return [p[0] for p in batches[k]], [p[1] for p in batches[k]]
 
     @pipeline_def(batch_size=batch, num_threads=threads, device_id=None, prefetch_queue_depth=2)
     def pipe():
-        encoded, start, end = fn.external_source(source, num_outputs=3, batch=True,
-                                                 dtype=[types.UINT8, types.FLOAT, types.FLOAT])
-        return R._graph(encoded, start, end, PRE, device="cpu", layout="CHW", half=False,
+        encoded, roi = fn.external_source(source, num_outputs=2, batch=True,
+                                          dtype=[types.UINT8, types.FLOAT])
+        return R._graph(encoded, roi, PRE, device="cpu", layout="CHW", half=False,
                         hw_decoder_load=0.65)
 
     t0 = time.perf_counter()

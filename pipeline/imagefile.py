@@ -119,8 +119,8 @@ def eval_geometry(width: int, height: int, resize: int, crop: int) -> tuple[int,
     return new_h, new_w, top, left
 
 
-def crop_roi(width: int, height: int, resize: int, crop: int) -> tuple[np.ndarray, np.ndarray]:
-    """([y0, x0], [y1, x1]) in input pixels: the part of the image that torchvision's Resize +
+def crop_roi(width: int, height: int, resize: int, crop: int) -> np.ndarray:
+    """[y0, x0, y1, x1] in input pixels: the part of the image that torchvision's Resize +
     CenterCrop turns into the crop.
 
     Resizing just this region straight to crop x crop samples the same positions with the same
@@ -129,8 +129,8 @@ def crop_roi(width: int, height: int, resize: int, crop: int) -> tuple[np.ndarra
     """
     new_h, new_w, top, left = eval_geometry(width, height, resize, crop)
     sy, sx = height / new_h, width / new_w
-    return (np.array([top * sy, left * sx], dtype=np.float32),
-            np.array([(top + crop) * sy, (left + crop) * sx], dtype=np.float32))
+    return np.array([top * sy, left * sx, (top + crop) * sy, (left + crop) * sx],
+                    dtype=np.float32)
 
 
 def to_pnm(img: Image.Image) -> bytes:
@@ -139,11 +139,12 @@ def to_pnm(img: Image.Image) -> bytes:
 
 
 _PLACEHOLDER = np.frombuffer(b"P6\n1 1\n255\n\x80\x80\x80", dtype=np.uint8)
+_PLACEHOLDER_ROI = np.array([0, 0, 1, 1], dtype=np.float32)
 
 
 def prepare(path: Path | str, resize: int, crop: int
-            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str, bool]:
-    """(encoded bytes, crop region start, crop region end (`crop_roi`), reason, usable).
+            ) -> tuple[np.ndarray, np.ndarray, str, bool]:
+    """(encoded bytes, crop region [y0, x0, y1, x1] (`crop_roi`), reason, usable).
 
     Never raises for a bad file: an unusable one comes back as a placeholder with its reason.
     """
@@ -161,18 +162,20 @@ def prepare(path: Path | str, resize: int, crop: int
             else:
                 data, size = to_pnm(img), img.size
         if problem is None:
-            start, end = crop_roi(size[0], size[1], resize, crop)
-            return np.frombuffer(data, dtype=np.uint8), start, end, "", True
-    return _PLACEHOLDER, np.zeros(2, dtype=np.float32), np.ones(2, dtype=np.float32), problem, False
+            return (np.frombuffer(data, dtype=np.uint8), crop_roi(size[0], size[1], resize, crop),
+                    "", True)
+    return _PLACEHOLDER, _PLACEHOLDER_ROI, problem, False
 
 
 class BatchSource:
     """DALI parallel external source (batch mode): iteration k -> the files of planned batch k.
 
     `plan` rows are (split, first row, number of rows); `files[split]` are paths relative to
-    `roots[split]`. Outputs per sample: encoded bytes, the crop region's start and end, the
-    row's index in its split, and the reason (UTF-8 bytes, empty when the file is usable).
-    It runs in DALI's worker processes, so it holds only plain data and is stateless.
+    `roots[split]`. Outputs per sample: the encoded bytes, the crop region, and the row's index
+    in its split, negative (-1 - row) when the file is unusable and the bytes are a placeholder
+    (the reason is not passed on: every output costs per sample, and bad files are rare, so the
+    main process asks `prepare` again for those). It runs in DALI's worker processes, so it
+    holds only plain data and is stateless.
     """
 
     def __init__(self, roots: Sequence[str], files: Sequence[Sequence[str]], plan: np.ndarray,
@@ -190,15 +193,13 @@ class BatchSource:
             raise StopIteration
         split, lo, n = (int(v) for v in self.plan[k])
         root, files = self.roots[split], self.files[split]
-        cols: tuple[list, ...] = ([], [], [], [], [])
+        encoded, rois, rows = [], [], []
         for row in range(lo, lo + n):
-            encoded, start, end, reason, _ = prepare(os.path.join(root, files[row]),
-                                                     self.resize, self.crop)
-            values = (encoded, start, end, np.array([row], dtype=np.int64),
-                      np.frombuffer(reason.encode("utf-8", "replace"), dtype=np.uint8))
-            for col, value in zip(cols, values, strict=True):
-                col.append(value)
-        return cols
+            data, roi, _, usable = prepare(os.path.join(root, files[row]), self.resize, self.crop)
+            encoded.append(data)
+            rois.append(roi)
+            rows.append(np.array([row if usable else -1 - row], dtype=np.int64))
+        return encoded, rois, rows
 
 
 # ---------------------------------------------------------------------------------------------

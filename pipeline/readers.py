@@ -87,8 +87,8 @@ def dali_available() -> bool:
     return True
 
 
-def _graph(encoded, roi_start, roi_end, pre: Preprocess, *, device: str, layout: str,
-           half: bool, hw_decoder_load: float):
+def _graph(encoded, roi, pre: Preprocess, *, device: str, layout: str, half: bool,
+           hw_decoder_load: float):
     """decode -> resize torchvision's crop region to the crop size -> normalise."""
     from nvidia.dali import fn, types
 
@@ -98,7 +98,7 @@ def _graph(encoded, roi_start, roi_end, pre: Preprocess, *, device: str, layout:
     # PIL does not apply EXIF orientation and upsamples chroma the "fancy" way; match it.
     images = fn.decoders.image(encoded, device=device, output_type=types.RGB,
                                adjust_orientation=False, jpeg_fancy_upsampling=True, **extra)
-    images = fn.resize(images, size=[pre.crop, pre.crop], roi_start=roi_start, roi_end=roi_end,
+    images = fn.resize(images, size=[pre.crop, pre.crop], roi_start=roi[0:2], roi_end=roi[2:4],
                        roi_relative=False, interp_type=interp, antialias=True)
     return fn.crop_mirror_normalize(
         images, mean=[m * 255 for m in pre.mean], std=[s * 255 for s in pre.std],
@@ -155,9 +155,8 @@ class DaliDecoder:
                       exec_async=False, exec_pipelined=False)
         def pipe():
             encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-            start = fn.external_source(name="roi_start", dtype=types.FLOAT, ndim=1)
-            end = fn.external_source(name="roi_end", dtype=types.FLOAT, ndim=1)
-            return _graph(encoded, start, end, self.pre, device=self.device,
+            roi = fn.external_source(name="roi", dtype=types.FLOAT, ndim=1)
+            return _graph(encoded, roi, self.pre, device=self.device,
                           layout=self.out.layout, half=self.out.half,
                           hw_decoder_load=self.hw_decoder_load)
 
@@ -180,41 +179,38 @@ class DaliDecoder:
             buf = io.BytesIO()
             Image.fromarray(pixels).save(buf, format=fmt)
             blobs.append(np.frombuffer(buf.getvalue(), dtype=np.uint8))
-        start, end = F.crop_roi(64, 48, self.pre.resize, self.pre.crop)
+        roi = F.crop_roi(64, 48, self.pre.resize, self.pre.crop)
         try:
             self._pipe = self._pipe or self._build()
-            self._run(blobs, [start] * 2, [end] * 2)
+            self._run(blobs, [roi] * 2)
         except Exception as exc:
             raise SetupError(
                 f"DALI ({self.device} decoder) does not work on this machine: "
                 f"{_first_line(exc)}; fix the installation, or pass --decoder pil"
             ) from exc
 
-    def _run(self, arrays, starts, ends) -> torch.Tensor:
+    def _run(self, arrays, rois) -> torch.Tensor:
         if self._pipe is None:
             self._pipe = self._build()
         self._pipe.feed_input("encoded", arrays)
-        self._pipe.feed_input("roi_start", starts)
-        self._pipe.feed_input("roi_end", ends)
+        self._pipe.feed_input("roi", rois)
         (out,) = self._pipe.run()
         # The outputs of a synchronous pipeline are reused by its next run: copy them out.
         return self.out.to_torch(out).clone()
 
-    def decode(self, encoded: Sequence[np.ndarray], roi_starts: Sequence[np.ndarray],
-               roi_ends: Sequence[np.ndarray]
+    def decode(self, encoded: Sequence[np.ndarray], rois: Sequence[np.ndarray]
                ) -> tuple[list[torch.Tensor | None], list[str | None]]:
         """(image or None per input, DALI's complaint per input that failed on its own)."""
         images: list[torch.Tensor | None] = [None] * len(encoded)
         errors: list[str | None] = [None] * len(encoded)
-        self._decode_range(list(encoded), list(roi_starts), list(roi_ends), 0, len(encoded),
-                           images, errors)
+        self._decode_range(list(encoded), list(rois), 0, len(encoded), images, errors)
         return images, errors
 
-    def _decode_range(self, arrays, starts, ends, lo, hi, images, errors) -> None:
+    def _decode_range(self, arrays, rois, lo, hi, images, errors) -> None:
         if lo >= hi:
             return
         try:
-            out = self._run(arrays[lo:hi], starts[lo:hi], ends[lo:hi])
+            out = self._run(arrays[lo:hi], rois[lo:hi])
         except Exception as exc:  # DALI raises RuntimeError/IndexError for a bad sample
             self._pipe = None  # a synchronous pipeline is unusable after an error
             if hi - lo == 1:
@@ -224,8 +220,8 @@ class DaliDecoder:
             images[lo:hi] = list(out.unbind(0))
             return
         mid = (lo + hi) // 2
-        self._decode_range(arrays, starts, ends, lo, mid, images, errors)
-        self._decode_range(arrays, starts, ends, mid, hi, images, errors)
+        self._decode_range(arrays, rois, lo, mid, images, errors)
+        self._decode_range(arrays, rois, mid, hi, images, errors)
 
 
 class DaliReader:
@@ -267,15 +263,14 @@ class DaliReader:
                       py_num_workers=self.workers,
                       py_start_method="fork" if fork else "spawn", seed=0)
         def pipe():
-            encoded, roi_start, roi_end, row, reason = fn.external_source(
-                source, num_outputs=5, batch=True, batch_info=True, parallel=True,
+            encoded, roi, row = fn.external_source(
+                source, num_outputs=3, batch=True, batch_info=True, parallel=True,
                 # batches read ahead: enough that each worker has the next one in hand
                 prefetch_queue_depth=max(4, 2 * self.workers),
-                dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT64, types.UINT8])
-            images = _graph(encoded, roi_start, roi_end, self.pre, device=self.device,
-                            layout=self.out.layout, half=self.out.half,
-                            hw_decoder_load=self.hw_decoder_load)
-            return images, row, reason
+                dtype=[types.UINT8, types.FLOAT, types.INT64])
+            images = _graph(encoded, roi, self.pre, device=self.device, layout=self.out.layout,
+                            half=self.out.half, hw_decoder_load=self.hw_decoder_load)
+            return images, row
 
         try:
             self._pipe = pipe()
@@ -320,17 +315,25 @@ class DaliReader:
                 self.start(first=k + 1)
                 continue
             unexplained = 0
-            images, rows, reasons = outputs
+            images, rows = outputs
             got = np.asarray(rows.as_tensor()).reshape(-1)
-            if got.size != n or got[0] != lo or got[-1] != lo + n - 1:
-                raise RuntimeError(f"DALI returned rows {got[:3]}... for batch {k} "
+            ok = got >= 0
+            index = np.where(ok, got, -1 - got)
+            if index.size != n or (index != np.arange(lo, lo + n)).any():
+                raise RuntimeError(f"DALI returned rows {index[:3]}... for batch {k} "
                                    f"(expected {lo}..{lo + n - 1})")
-            text = [""] * n
-            for i, shape in enumerate(reasons.shape()):
-                if shape[0]:
-                    text[i] = bytes(np.asarray(reasons[i])).decode("utf-8", "replace")
-            ok = np.array([not t for t in text], dtype=bool)
-            yield Batch(split, lo, self.out.to_torch(images), ok, text, keep=outputs)
+            yield Batch(split, lo, self.out.to_torch(images), ok, self._reasons(split, lo, ok),
+                        keep=outputs)
+
+    def _reasons(self, split: int, lo: int, ok: np.ndarray) -> list[str]:
+        """Why each unusable row is unusable, asked again here (they are rare)."""
+        reasons = [""] * len(ok)
+        root, files = Path(self.roots[split]), self.files[split]
+        for i in np.flatnonzero(~ok):
+            _, _, why, usable = F.prepare(root / files[lo + i], self.pre.resize, self.pre.crop)
+            # a file fixed while the run read it: its row still holds the placeholder
+            reasons[i] = why if not usable else "changed while it was being read; rerun"
+        return reasons
 
     def _recover(self, split: int, lo: int, n: int, exc: Exception) -> tuple[Batch, bool]:
         """Decode one failed batch on the side; (the batch, whether a bad file explains it)."""
@@ -338,12 +341,11 @@ class DaliReader:
         root, files = Path(self.roots[split]), self.files[split]
         prepared = [F.prepare(root / files[r], self.pre.resize, self.pre.crop)
                     for r in range(lo, lo + n)]
-        reasons = [p[3] for p in prepared]
-        ok = np.array([p[4] for p in prepared], dtype=bool)
+        reasons = [p[2] for p in prepared]
+        ok = np.array([p[3] for p in prepared], dtype=bool)
         todo = np.flatnonzero(ok).tolist()
         decoded, errors = self.decoder.decode([prepared[i][0] for i in todo],
-                                              [prepared[i][1] for i in todo],
-                                              [prepared[i][2] for i in todo])
+                                              [prepared[i][1] for i in todo])
         images = self.out.empty(n)
         retry = []
         for i, img, err in zip(todo, decoded, errors, strict=True):

@@ -55,10 +55,10 @@ def _decode_alone(split: D.Split, rows) -> list:
     decoder = R.DaliDecoder(PRE, device="cpu", max_batch=1, num_threads=1)
     out = []
     for r in rows:
-        encoded, start, end, reason, usable = F.prepare(split.root / split.files[r], PRE.resize,
-                                                        PRE.crop)
+        encoded, roi, reason, usable = F.prepare(split.root / split.files[r], PRE.resize,
+                                                 PRE.crop)
         assert usable, reason
-        images, errors = decoder.decode([encoded], [start], [end])
+        images, errors = decoder.decode([encoded], [roi])
         out.append(images[0])
     return out
 
