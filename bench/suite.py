@@ -262,20 +262,9 @@ def main() -> int:
 
     store = args.work / "fix.zarr"
     t0 = time.perf_counter()
-    summary = run_extract(checkpoint=ckpt, data_root=small, out=store, splits=["train"],
-                          resize=PRE.resize, crop=PRE.crop, batch_size=batch, device=dev.type,
-                          decoder="dali", num_threads=args.threads, overwrite=True)
-    if summary.no_op:  # a store from an earlier run: time a fresh one
-        import shutil
-
-        shutil.rmtree(store)
-        t0 = time.perf_counter()
-        summary = run_extract(checkpoint=ckpt, data_root=small, out=store, splits=["train"],
-                              resize=PRE.resize, crop=PRE.crop, batch_size=batch,
-                              device=dev.type, decoder="dali", num_threads=args.threads)
+    img_s, _ = stage1_rate(ckpt, small, store, dev, batch, args.threads)  # a fresh store
     stage1_wall = time.perf_counter() - t0
-    rows["c_stage1_fix"] = {"arch": arch, "img_s": summary.images / summary.seconds,
-                            "wall_s": stage1_wall}
+    rows["c_stage1_fix"] = {"arch": arch, "img_s": img_s, "wall_s": stage1_wall}
 
     import train_head
 

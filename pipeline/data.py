@@ -20,13 +20,7 @@ import torch
 from PIL import Image
 
 from .errors import DataError
-from .imagefile import (  # noqa: F401 - re-exported
-    DALI_FORMATS,
-    image_size,
-    pil_decode,
-    read_bytes,
-    sniff,
-)
+from .imagefile import pil_decode, read_bytes, sniff  # noqa: F401 - re-exported
 from .models import Preprocess
 
 log = logging.getLogger("quickfix")

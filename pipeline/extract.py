@@ -330,7 +330,7 @@ def run_extract(
     finally:
         reader.close()
     summary.seconds = time.perf_counter() - start
-    summary.profile["recovered_batches"] = getattr(reader, "recovered_batches", 0)
+    summary.profile["recovered_batches"] = reader.recovered_batches
     return summary
 
 

@@ -97,6 +97,11 @@ def image_size(data: bytes) -> tuple[int, int] | None:
         return None
 
 
+def undecodable(exc: Exception) -> str:
+    """The reason for a file PIL cannot decode."""
+    return f"undecodable: {type(exc).__name__}: {str(exc)[:160]}"
+
+
 def pil_decode(data: bytes) -> Image.Image:
     """Decode to RGB (grayscale, CMYK, palette and alpha images converted) or raise."""
     with Image.open(io.BytesIO(data)) as img:
@@ -158,7 +163,7 @@ def prepare(path: Path | str, resize: int, crop: int
             try:
                 img = pil_decode(data)
             except Exception as exc:  # PIL raises many types for undecodable data
-                problem = f"undecodable: {type(exc).__name__}: {str(exc)[:160]}"
+                problem = undecodable(exc)
             else:
                 data, size = to_pnm(img), img.size
         if problem is None:

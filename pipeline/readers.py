@@ -385,6 +385,7 @@ class PilReader:
                  pre: Preprocess, *, num_threads: int, prefetch: int = 2):
         self.roots, self.files, self.plan, self.pre = list(roots), files, plan, pre
         self.prefetch = prefetch
+        self.recovered_batches = 0  # DaliReader's count; PIL has nothing to recover
         self._pool = ThreadPoolExecutor(max(1, num_threads))
 
     def start(self) -> None:
@@ -430,7 +431,7 @@ def _pil_row(data: bytes, pre: Preprocess) -> tuple[torch.Tensor | None, str | N
     try:
         return pil_transform(F.pil_decode(data), pre), None
     except Exception as exc:  # PIL raises many types for undecodable data
-        return None, f"undecodable: {type(exc).__name__}: {str(exc)[:160]}"
+        return None, F.undecodable(exc)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -234,7 +234,7 @@ class ChunkWriter:
                  *, chunk_rows: int, feature_dim: int, dtype: np.dtype, queue_size: int = 4):
         self.group, self.splits, self.files = group, list(splits), files
         self.chunk_rows, self.feature_dim, self.dtype = chunk_rows, feature_dim, np.dtype(dtype)
-        self.quarantined = self.rescued = self.chunks_written = 0
+        self.quarantined = self.rescued = 0
         self.busy_seconds = 0.0
         self._open: dict[tuple[int, int], list] = {}
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
@@ -319,7 +319,6 @@ class ChunkWriter:
             return
         del self._open[(split, c)]
         write_chunk(self.group, self.splits[split], c, feats, good, why)
-        self.chunks_written += 1
         for i in np.flatnonzero(~good):
             log.warning("quarantined %s: %s", self.files[split][c_lo + i], why[i])
         self.quarantined += int((~good).sum())
