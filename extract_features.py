@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the correct class order: one class id per line, or "
                         "imagenet_class_index.json form (default: sorted folder names)")
     parser.add_argument("--arch",
-                        help="torchvision model name or package.module:function (default: the "
+                        help="torchvision model name, timm:NAME (pip install "
+                        "'quickfix-labels[timm]') or package.module:function (default: the "
                         "checkpoint's arch, else inferred from its weights)")
     parser.add_argument("--resize", type=int, help="short-side resize (default: the "
                         "architecture's eval transform)")
@@ -53,7 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="when stderr is not a terminal (a SLURM or nohup log), log a "
                         "progress line this often")
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction,
-                        help="use the checkpoint's EMA weights")
+                        help="use the checkpoint's EMA weights (stages 2 and 3 follow the "
+                        "store's choice)")
+    parser.add_argument("--head", metavar="NAME",
+                        help="the classification layer to retrain, e.g. fc or head (default: "
+                        "timm's get_classifier(), else the last linear layer)")
     parser.add_argument("--out", type=Path, required=True, help="the feature store to write")
     parser.add_argument("--overwrite", action=argparse.BooleanOptionalAction,
                         help="replace a store that was made from other inputs")
@@ -72,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             float32=args.float32, chunk_rows=args.chunk_rows, num_threads=args.num_threads,
             read_workers=args.read_workers, progress_every=args.progress_every,
             overwrite=args.overwrite, trust_checkpoint=args.trust_checkpoint, use_ema=args.ema,
+            head=args.head,
             rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)),
             argv=argv,
         )

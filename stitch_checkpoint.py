@@ -32,20 +32,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verify-data", type=Path, metavar="DIR",
                         help="run the fixed model end to end on these val images (a split "
                         "folder, or a root with val/) and report its top-1")
-    parser.set_defaults(overwrite=False)
+    parser.add_argument("--aux-heads", choices=("auto", "permute", "keep"),
+                        help="auxiliary heads over the same classes (GoogLeNet, Inception v3): "
+                        "auto re-orders them with stage 2's permutation when the old head was a "
+                        "clean permutation of the right one and refuses otherwise; permute "
+                        "always applies stage 2's best permutation; keep leaves them as they are")
+    parser.set_defaults(overwrite=False, aux_heads="auto")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     def body(args: argparse.Namespace) -> int:
         summary = stitch(checkpoint=args.checkpoint, head_path=args.head, out=args.out,
-                         overwrite=args.overwrite, trust_checkpoint=args.trust_checkpoint)
+                         overwrite=args.overwrite, trust_checkpoint=args.trust_checkpoint,
+                         aux_heads=args.aux_heads)
         log.info(summary.line())
         if args.verify_data is not None:
             head = load_head(args.head)
             device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available()
                                   else "cpu")
-            acc, n = verify_on_images(args.out, args.verify_data, head, device=device)
+            acc, n = verify_on_images(args.out, args.verify_data, head, device=device,
+                                      trust=args.trust_checkpoint)
             cached = head["metrics"].get("val_top1")
             beside = f" (stage 2 on cached features: {cached:.2%})" if cached is not None else ""
             log.info("verify: the fixed model end to end on %d images of %s: top-1 %.2f%%%s",

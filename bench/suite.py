@@ -251,7 +251,8 @@ def main() -> int:
 
     model = make_model(arch, num_classes=10)
     ckpt = checkpoint_for(arch, args.work)
-    backbone, head_name, _ = split_backbone(model)
+    backbone, heads, _ = split_backbone(model)
+    head_name = heads.head
     backbone.eval().to(dev)
     if gpu:
         backbone.to(memory_format=torch.channels_last)

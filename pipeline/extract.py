@@ -25,7 +25,7 @@ from . import data as D
 from . import models as M
 from . import readers as R
 from . import store as S
-from .checkpoint import Checkpoint, hash_tensors, load_checkpoint
+from .checkpoint import LAYOUTS, Checkpoint, backbone_digest, load_checkpoint
 from .cli import package_versions, run_record
 from .errors import ArchitectureError, DataError, StoreError
 from .progress import Progress
@@ -67,6 +67,8 @@ class Model:
     feature_dim: int
     num_classes: int
     backbone_sha256: str
+    heads: M.Heads | None = None
+    full: torch.nn.Module | None = None  # the whole model (timm reads its data config)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -95,32 +97,51 @@ def dali_device(device: torch.device) -> str:
     return "mixed" if device.type == "cuda" else "cpu"
 
 
-def prepare_model(ckpt: Checkpoint, arch: str | None) -> Model:
+def prepare_model(ckpt: Checkpoint, arch: str | None, head: str | None = None) -> Model:
     """Build the architecture, load the checkpoint into it, and cut off the head."""
     sd = ckpt.state_dict
     if arch is None:
         arch = ckpt.arch
-        if arch is not None and ":" not in arch and arch not in M.torchvision_archs():
+        if (arch is not None and ":" not in arch and arch not in M.torchvision_archs()):
             raise ArchitectureError(
                 f"the checkpoint names its architecture {arch!r}, which is not a torchvision "
-                "model; pass --arch NAME or --arch package.module:function"
+                "model; pass --arch NAME, --arch timm:NAME or --arch package.module:function"
             )
         if arch is not None:
             log.info("architecture from the checkpoint: %s", arch)
     if arch is None:
         arch = M.infer_arch(sd)
-    # The head is the last 2-d weight in registration order; its rows are the classes.
-    head_keys = [k for k, v in sd.items() if k.endswith(".weight") and v.ndim == 2]
-    if not head_keys:
-        raise ArchitectureError(f"the checkpoint {ckpt.path} has no linear layer weights")
-    num_classes = int(sd[head_keys[-1]].shape[0])
+    if head is not None:
+        weight = sd.get(f"{head}.weight")
+        if weight is None or weight.ndim != 2:
+            raise ArchitectureError(f"--head {head}: the checkpoint has no 2-d {head}.weight")
+        num_classes = int(weight.shape[0])
+    else:
+        # The head is the last 2-d weight in registration order; its rows are the classes.
+        head_keys = [k for k, v in sd.items() if k.endswith(".weight") and v.ndim == 2]
+        if not head_keys:
+            raise ArchitectureError(f"the checkpoint {ckpt.path} has no linear layer weights")
+        num_classes = int(sd[head_keys[-1]].shape[0])
     model = M.build_model(arch, num_classes, sd)
     M.load_weights(model, sd, arch)
-    backbone, head_name, dim = M.split_backbone(model)
-    if M.head_out_features(sd, head_name) != num_classes:
-        raise ArchitectureError(f"{arch}: the head {head_name} does not have {num_classes} outputs")
-    return Model(arch, backbone.eval(), head_name, dim, num_classes,
-                 hash_tensors(sd, exclude_prefixes=(f"{head_name}.",)))
+    heads = M.find_heads(model, head)
+    backbone, heads, dim = M.split_backbone(model, heads)
+    if M.head_out_features(sd, heads.head) != num_classes:
+        raise ArchitectureError(f"{arch}: the head {heads.head} does not have {num_classes} "
+                                "outputs; name the classification head with --head")
+    if heads.tied:
+        log.info("heads %s are averaged at eval time: the backbone gives the average of their "
+                 "inputs, and each receives the new head", ", ".join(heads.replaced))
+    if heads.auxiliary:
+        log.info("auxiliary heads over the same classes: %s (stage 3 re-orders them too)",
+                 ", ".join(heads.auxiliary))
+    return Model(arch, backbone.eval(), heads.head, dim, num_classes,
+                 backbone_digest(sd, heads.head, heads_record(heads)), heads, model)
+
+
+def heads_record(heads: M.Heads) -> dict:
+    """The heads besides the main one, as the store records them (empty for most models)."""
+    return {k: list(v) for k, v in (("tied", heads.tied), ("auxiliary", heads.auxiliary)) if v}
 
 
 def _forward_context(device: torch.device, precision: str):
@@ -204,6 +225,7 @@ def run_extract(
     overwrite: bool = False,
     trust_checkpoint: bool = False,
     use_ema: bool = False,
+    head: str | None = None,
     rank: int = 0,
     world_size: int = 1,
     argv: Sequence[str] | None = None,
@@ -231,8 +253,11 @@ def run_extract(
     split_names = D.find_splits(data_root, splits)
 
     ckpt = load_checkpoint(checkpoint, trust=trust_checkpoint, use_ema=use_ema)
-    model = prepare_model(ckpt, arch)
-    pre, pre_source = M.default_preprocess(model.arch, ckpt.args)
+    log.info("checkpoint: %s, weights from %s", LAYOUTS[ckpt.layout],
+             ckpt.source_key or "the file itself")
+    model = prepare_model(ckpt, arch, head)
+    pre, pre_source = M.default_preprocess(model.arch, ckpt.args, model.full)
+    model.full = None
     if resize is not None or crop is not None:
         pre = M.Preprocess(resize or pre.resize, crop or pre.crop, pre.interpolation, pre.mean,
                            pre.std)
@@ -258,6 +283,7 @@ def run_extract(
         "backbone_sha256": model.backbone_sha256,
         "arch": model.arch,
         "head": model.head_name,
+        **({"other_heads": heads_record(model.heads)} if heads_record(model.heads) else {}),
         "feature_dim": model.feature_dim,
         "preprocessing": pre.as_dict(),
         "decoder": "pil" if decoder == "pil" else f"dali-{dali_device(dev)}",
@@ -284,7 +310,8 @@ def run_extract(
         extra_attrs={"checkpoint": {"path": str(checkpoint.resolve()),
                                     "backbone_sha256": model.backbone_sha256,
                                     "head": model.head_name, "num_classes": model.num_classes,
-                                    "classes": ckpt.classes},
+                                    "classes": ckpt.classes, "layout": ckpt.layout,
+                                    "weights": ckpt.source_key, "ema": use_ema},
                      "class_audit": {"source": order.source, "warnings": order.warnings}},
     ))
 

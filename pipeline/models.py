@@ -1,8 +1,18 @@
-"""Architectures: build a torchvision (or custom) classifier, find its head, cut it off.
+"""Architectures: build a torchvision, timm or custom classifier, find its heads, cut them off.
 
-The head is the final `nn.Linear`: `fc` (ResNet), `classifier[-1]` (MobileNet, EfficientNet,
-ConvNeXt, VGG), `heads.head` (ViT). The backbone is the same model with that layer replaced by
+The head is the final `nn.Linear` (`fc` for ResNet, `classifier[-1]` for MobileNet, EfficientNet,
+ConvNeXt, VGG, `heads.head` for ViT), what timm's `get_classifier()` returns for a timm model, or
+the layer named by --head. The backbone is the same model with the head replaced by
 `nn.Identity`, so its output is exactly the head's input.
+
+Other layers that map features to the same classes are found too, so that no copy of the old
+class order is left behind:
+- tied heads: timm's distilled models return two heads (`head`, `head_dist`) and average their
+  logits at eval time; both are cut off (the backbone then gives the average of their inputs)
+  and both receive the new head, which reproduces a single linear head on those features.
+- auxiliary heads (GoogLeNet's `aux1.fc2`/`aux2.fc2`, Inception v3's `AuxLogits.fc`): every
+  other `nn.Linear` with as many outputs as the head; stage 3 re-orders their rows with the
+  permutation stage 2 found.
 """
 
 from __future__ import annotations
@@ -42,6 +52,23 @@ class Preprocess:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
+TIMM = "timm:"
+
+
+@dataclass(frozen=True)
+class Heads:
+    """Where a model's class outputs are: the head, tied heads, auxiliary heads (module names)."""
+
+    head: str
+    tied: tuple[str, ...] = ()
+    auxiliary: tuple[str, ...] = ()
+
+    @property
+    def replaced(self) -> tuple[str, ...]:
+        """The layers that receive the new head."""
+        return (self.head, *self.tied)
+
+
 def torchvision_archs() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
@@ -59,6 +86,8 @@ def build_model(arch: str, num_classes: int, state_dict: Mapping | None = None) 
     `arch` is a torchvision name (`resnet50`) or `package.module:function` for a custom factory,
     called with `num_classes=` when it accepts it.
     """
+    if arch.startswith(TIMM):
+        return _build_timm(arch[len(TIMM):], num_classes)
     if ":" in arch:
         return _build_custom(arch, num_classes)
     if arch not in torchvision_archs():
@@ -74,6 +103,29 @@ def build_model(arch: str, num_classes: int, state_dict: Mapping | None = None) 
         kwargs["aux_logits"] = any(k.startswith(aux) for k in state_dict)
         kwargs["init_weights"] = False
     return _quiet_build(torchvision.models.get_model, name=arch, **kwargs)
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError as exc:
+        raise ArchitectureError(
+            "this is a timm model, and timm is not installed: pip install 'quickfix-labels[timm]'"
+            " (or pip install timm)") from exc
+    return timm
+
+
+def _build_timm(name: str, num_classes: int) -> nn.Module:
+    timm = _timm()
+    if not timm.is_model(name):
+        close = timm.list_models(f"{name.split('_')[0]}*")[:6]
+        hint = f" (close: {', '.join(close)})" if close else ""
+        raise ArchitectureError(f"timm has no model {name!r}{hint}; pass --arch timm:NAME")
+    return timm.create_model(name, pretrained=False, num_classes=num_classes)
+
+
+def is_timm(model: nn.Module) -> bool:
+    return type(model).__module__.startswith("timm.") and hasattr(model, "get_classifier")
 
 
 def _build_custom(spec: str, num_classes: int) -> nn.Module:
@@ -102,20 +154,69 @@ def find_head(model: nn.Module) -> tuple[str, nn.Linear]:
         if isinstance(module, nn.Linear):
             last = (name, module)
     if last is None:
-        raise ArchitectureError(
-            f"{type(model).__name__} has no nn.Linear layer to use as the classification head"
-        )
+        raise ArchitectureError(f"{type(model).__name__} has no nn.Linear layer to use as the "
+                                f"classification head{_conv_head_reason(model)}")
     return last
 
 
-def split_backbone(model: nn.Module) -> tuple[nn.Module, str, int]:
-    """A copy of `model` whose head is nn.Identity; returns (backbone, head name, feature dim)."""
-    head_name, head = find_head(model)
+def _conv_head_reason(model: nn.Module) -> str:
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if convs and convs[-1][1].kernel_size == (1, 1):
+        name, conv = convs[-1]
+        return (f": its classifier is a 1x1 convolution ({name}, {conv.out_channels} outputs) "
+                "applied before the pooling (and, in SqueezeNet, a ReLU), so its logits are not "
+                "a linear function of pooled features and it cannot be retrained from a "
+                "feature cache; fine-tune that layer on images instead")
+    return ""
+
+
+def find_heads(model: nn.Module, head: str | None = None) -> Heads:
+    """The head (--head NAME, timm's get_classifier(), else the last nn.Linear), the heads tied
+    to it, and the auxiliary heads over the same classes."""
+    modules = dict(model.named_modules())
+    linears = {n: m for n, m in modules.items() if isinstance(m, nn.Linear)}
+    tied: tuple[str, ...] = ()
+    if head is not None:
+        if not isinstance(modules.get(head), nn.Linear):
+            what = ("is not a layer of" if head not in modules else
+                    f"is a {type(modules[head]).__name__}, not an nn.Linear, in")
+            raise ArchitectureError(
+                f"--head {head} {what} {type(model).__name__}; its linear layers are "
+                f"{', '.join(list(linears)[-6:]) or 'none'}")
+    elif is_timm(model):
+        found = model.get_classifier()
+        found = found if isinstance(found, tuple) else (found,)
+        names = {id(m): n for n, m in modules.items()}
+        named = [names.get(id(m)) for m in found]
+        if not named or not all(n and isinstance(modules[n], nn.Linear) for n in named):
+            raise ArchitectureError(
+                f"timm's get_classifier() of {type(model).__name__} is not an nn.Linear "
+                f"({', '.join(type(m).__name__ for m in found)}); name the head with --head")
+        head, tied = named[0], tuple(named[1:])
+    else:
+        head = find_head(model)[0]
+    out = linears[head].out_features
+    for name in tied:
+        if linears[name].weight.shape != linears[head].weight.shape:
+            raise ArchitectureError(f"the heads {head} and {name} differ in shape; name the head "
+                                    "to retrain with --head")
+    auxiliary = tuple(n for n, m in linears.items()
+                      if m.out_features == out and n != head and n not in tied)
+    return Heads(head, tied, auxiliary)
+
+
+def split_backbone(model: nn.Module, heads: Heads | None = None
+                   ) -> tuple[nn.Module, Heads, int]:
+    """A copy of `model` whose head (and tied heads) are nn.Identity; returns (backbone, heads,
+    feature dim)."""
+    heads = heads or find_heads(model)
+    dim = model.get_submodule(heads.head).in_features
     backbone = copy.deepcopy(model)
-    parent_name, _, attr = head_name.rpartition(".")
-    parent = backbone.get_submodule(parent_name) if parent_name else backbone
-    setattr(parent, attr, nn.Identity())
-    return backbone, head_name, head.in_features
+    for name in heads.replaced:
+        parent_name, _, attr = name.rpartition(".")
+        parent = backbone.get_submodule(parent_name) if parent_name else backbone
+        setattr(parent, attr, nn.Identity())
+    return backbone, heads, dim
 
 
 def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], arch: str) -> None:
@@ -216,14 +317,19 @@ def infer_arch(state_dict: Mapping[str, torch.Tensor]) -> str:
     )
 
 
-def default_preprocess(arch: str, ckpt_args: Mapping | None = None) -> tuple[Preprocess, str]:
+def default_preprocess(arch: str, ckpt_args: Mapping | None = None,
+                       model: nn.Module | None = None) -> tuple[Preprocess, str]:
     """The eval transform the model was validated with, and where that came from.
 
-    The training script's own `--val-resize-size/--val-crop-size` win; then the architecture's
-    first published torchvision weights (the original recipe, e.g. 256/224 for ResNet-50 V1);
-    then the ImageNet convention 256/224.
+    A timm model: what timm's own train.py validates with (`resolve_data_config` over the
+    checkpoint's args and the model's pretrained config: input size, crop_pct, interpolation,
+    mean, std). Otherwise the training script's own `--val-resize-size/--val-crop-size` win;
+    then the architecture's first published torchvision weights (the original recipe, e.g.
+    256/224 for ResNet-50 V1); then the ImageNet convention 256/224.
     """
     ckpt_args = ckpt_args or {}
+    if arch.startswith(TIMM) and model is not None:
+        return _timm_preprocess(arch, ckpt_args, model)
     resize, crop = ckpt_args.get("val_resize_size"), ckpt_args.get("val_crop_size")
     interp = ckpt_args.get("interpolation")
     interp = interp if interp in ("bilinear", "bicubic", "nearest") else "bilinear"
@@ -243,3 +349,32 @@ def default_preprocess(arch: str, ckpt_args: Mapping | None = None) -> tuple[Pre
                 f"torchvision's {weights[0]} eval transform",
             )
     return Preprocess(256, 224), "the ImageNet default (resize 256, crop 224)"
+
+
+def _timm_preprocess(arch: str, ckpt_args: Mapping, model: nn.Module) -> tuple[Preprocess, str]:
+    import math
+
+    from timm.data import resolve_data_config
+
+    args = {k: v for k, v in ckpt_args.items() if isinstance(k, str)}
+    try:
+        cfg = resolve_data_config(args, model=model)
+    except (AssertionError, TypeError, ValueError) as exc:
+        log.warning("timm could not read the checkpoint's data args (%s); using the model's "
+                    "own config", exc)
+        cfg = resolve_data_config({}, model=model)
+    _, height, width = cfg["input_size"]
+    if height != width:
+        raise ArchitectureError(f"{arch} validates at {height}x{width}; only square crops are "
+                                "supported: pass --resize and --crop")
+    mode = cfg.get("crop_mode") or "center"
+    if mode != "center":
+        log.warning("%s validates with timm's crop_mode %r; stage 1 uses a center crop",
+                    arch, mode)
+    interp = cfg.get("interpolation") or "bilinear"
+    if interp not in ("bilinear", "bicubic", "nearest"):
+        interp = "bicubic" if interp == "random" else "bilinear"
+    crop_pct = float(cfg.get("crop_pct") or 0.875)
+    return (Preprocess(math.floor(height / crop_pct), int(height), interp,
+                       tuple(float(v) for v in cfg["mean"]), tuple(float(v) for v in cfg["std"])),
+            f"timm's eval transform for {arch[len(TIMM):]} (crop_pct {crop_pct:g})")

@@ -4,9 +4,12 @@
         --out fixed/checkpoint_best.pth
 
 Every key of the original is kept; only the head tensors change, in every copy of the model
-(EMA included), with the same key names, prefixes and dtype. The class mapping is set to the
-correct order, optimizer state that belonged to the old head is dropped, and a provenance record
-is added. The file is written atomically and verified before it is moved into place.
+(EMA included), with the same key names, prefixes and dtype, and in the file's own format (a
+safetensors input gives a safetensors output, a Lightning `.ckpt` stays one). Heads tied to the
+head (timm's distilled models) receive the new head too; auxiliary heads over the same classes
+have their rows re-ordered with the permutation stage 2 found. The class mapping is set to the
+correct order, optimizer state that belonged to the changed layers is dropped, and a provenance
+record is added. The file is written atomically and verified before it is moved into place.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import datetime as _dt
 import glob
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -25,12 +29,12 @@ import torch
 
 from . import __version__
 from .checkpoint import (
-    EMA_KEYS,
-    MODEL_KEYS,
-    hash_tensors,
+    SAFETENSORS,
+    Checkpoint,
+    backbone_digest,
     is_state_dict,
     load_checkpoint,
-    strip_prefixes,
+    load_safetensors,
     torch_load,
 )
 from .errors import CheckpointError, DataError
@@ -39,16 +43,9 @@ from .train import load_head
 
 log = logging.getLogger("quickfix")
 
-OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "opt", "optim")
-
-
-@dataclass
-class Container:
-    """One copy of the model's weights inside the checkpoint: where it is and its key prefix."""
-
-    path: tuple[str, ...]
-    state_dict: Mapping[str, torch.Tensor]
-    prefix: str
+OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "opt", "optim",
+                  "optimizer_states")  # the last: Lightning's list, one per optimizer
+AUX_MODES = ("auto", "permute", "keep")
 
 
 @dataclass
@@ -61,23 +58,6 @@ class StitchSummary:
         return (f"stitch: head replaced in {len(self.copies)} cop"
                 f"{'y' if len(self.copies) == 1 else 'ies'} ({', '.join(self.copies)}), backbone "
                 f"verified bit-identical -> {self.out}")
-
-
-def containers(raw: Any) -> list[Container]:
-    if is_state_dict(raw):
-        return [Container((), raw, strip_prefixes(raw)[1])]
-    found = []
-    for key in MODEL_KEYS + EMA_KEYS:
-        value = raw.get(key)
-        if is_state_dict(value):
-            found.append(Container((key,), value, strip_prefixes(value)[1]))
-        elif isinstance(value, Mapping):
-            for inner in MODEL_KEYS:
-                if is_state_dict(value.get(inner)):
-                    found.append(Container((key, inner), value[inner],
-                                           strip_prefixes(value[inner])[1]))
-                    break
-    return found
 
 
 def sha256_file(path: Path) -> str:
@@ -120,15 +100,22 @@ def check_output(checkpoint: Path, out: Path, overwrite: bool) -> None:
 
 
 def stitch(*, checkpoint: Path, head_path: Path, out: Path, overwrite: bool = False,
-           trust_checkpoint: bool = False) -> StitchSummary:
+           trust_checkpoint: bool = False, aux_heads: str = "auto") -> StitchSummary:
+    """`aux_heads`: auto re-orders auxiliary heads when the old head was a clean permutation of
+    the right one (else refuses), permute always uses stage 2's best permutation, keep leaves
+    them in the old order (said in a notice)."""
+    if aux_heads not in AUX_MODES:
+        raise DataError(f"--aux-heads {aux_heads}: expected one of {', '.join(AUX_MODES)}")
     check_output(checkpoint, out, overwrite)
     head = load_head(head_path)
-    ckpt = load_checkpoint(checkpoint, trust=trust_checkpoint)
     store = head["store"]
+    ema = bool(store.get("ema", False))
+    ckpt = load_checkpoint(checkpoint, trust=trust_checkpoint, use_ema=ema)
     head_name = store["head"]
+    others = store.get("other_heads") or {}
     weight, bias = head["weight"], head["bias"]
     classes = list(head["classes"])
-    digest = hash_tensors(ckpt.state_dict, exclude_prefixes=(f"{head_name}.",))
+    digest = backbone_digest(ckpt.state_dict, head_name, others)
     if digest != store["backbone_sha256"]:
         raise CheckpointError(f"the head {head_path} was trained on features of another backbone "
                               f"than {checkpoint}'s (backbone sha256 differs)")
@@ -140,57 +127,116 @@ def stitch(*, checkpoint: Path, head_path: Path, out: Path, overwrite: bool = Fa
     if ckpt.classes is not None and sorted(ckpt.classes) != sorted(classes):
         raise CheckpointError(f"{checkpoint} names other classes than the head {head_path}")
 
-    raw = ckpt.raw
-    copies = containers(raw)
-    new = dict(raw) if isinstance(raw, Mapping) else raw
     notices: list[str] = []
+    changes = {f"{name}.{p}": t for name in (head_name, *others.get("tied", ()))
+               for p, t in (("weight", weight), ("bias", bias))}
+    auxiliary = list(others.get("auxiliary", ()))
+    if auxiliary:
+        changes.update(_reordered_aux(ckpt, auxiliary, head, aux_heads, notices))
+    if ema:
+        notices.append(f"the head was trained on the features of the EMA weights "
+                       f"({ckpt.source_key}); it was written into every copy of the model")
+
+    raw = ckpt.raw
+    copies = ckpt.copies
+    new = dict(raw)
     for c in copies:
         sd = dict(_get(new, c.path))
-        for name, tensor in (("weight", weight), ("bias", bias)):
-            key = f"{c.prefix}{head_name}.{name}"
+        for name, tensor in changes.items():
+            key = f"{c.prefix}{name}"
             if key not in sd:
-                if name == "bias":
+                if name.endswith(".bias") and tensor is bias:
                     continue
-                raise CheckpointError(f"{checkpoint}: {'/'.join(c.path) or 'state dict'} has no "
-                                      f"{key}")
+                raise CheckpointError(f"{checkpoint}: {c.label()} has no {key}")
             sd[key] = tensor.to(dtype=sd[key].dtype).clone()
         new = _set(new, c.path, sd)
 
-    if isinstance(raw, Mapping) and not is_state_dict(raw):
+    record = {
+        "tool": "quickfix-labels", "version": __version__,
+        "input": {"path": str(checkpoint.resolve()), "sha256": sha256_file(checkpoint),
+                  "layout": ckpt.layout},
+        "head": {"path": str(head_path.resolve()), "config": head["config"],
+                 "metrics": head["metrics"], "diagnosis": head.get("diagnosis")},
+        "store": {"path": store["path"], "fingerprint": store["fingerprint"],
+                  "backbone_sha256": store["backbone_sha256"], "ema": ema},
+        "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "notices": notices,
+    }
+    metadata = None
+    if ckpt.format == SAFETENSORS:
+        metadata = {**ckpt.metadata, "id_to_class": json.dumps(_ordered_entries(
+            _metadata_mapping(ckpt.metadata), classes)), "quickfix": json.dumps(record,
+                                                                                default=str)}
+    elif not is_state_dict(raw):
         new = _set_mapping(new, classes)
-        new, dropped = _drop_head_optimizer_state(new, ckpt, head_name, store["arch"])
+        new, dropped = _drop_head_optimizer_state(new, ckpt, set(changes), store["arch"])
         notices += dropped
-        new["quickfix"] = {
-            "tool": "quickfix-labels", "version": __version__,
-            "input": {"path": str(checkpoint.resolve()), "sha256": sha256_file(checkpoint)},
-            "head": {"path": str(head_path.resolve()), "config": head["config"],
-                     "metrics": head["metrics"], "diagnosis": head.get("diagnosis")},
-            "store": {"path": store["path"], "fingerprint": store["fingerprint"],
-                      "backbone_sha256": store["backbone_sha256"]},
-            "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-            "notices": notices,
-        }
+        new["quickfix"] = record
     else:
         notices.append("the checkpoint is a bare state dict, so the class order cannot go "
                        "inside it: it is in the head file's `classes`")
     for note in notices:
         log.warning("stitch: %s", note)
-    _save_verified(new, out, raw, copies, head_name, weight, bias, trust_checkpoint)
-    return StitchSummary(out, ["/".join(c.path) or "state dict" for c in copies], notices)
+    _save_verified(new, out, ckpt, changes, trust_checkpoint, metadata)
+    return StitchSummary(out, [c.label() for c in copies], notices)
 
 
-def _set_mapping(new: dict, classes: list[str]) -> dict:
-    """`id_to_class` (keeping its form) and `class_to_idx`, in the correct order."""
-    old = new.get("id_to_class")
+def _reordered_aux(ckpt: Checkpoint, auxiliary: list[str], head: dict, mode: str,
+                   notices: list[str]) -> dict[str, torch.Tensor]:
+    """The auxiliary heads' tensors with rows in the correct order (new row t = old row
+    mapping[t]), or {} when they are kept as they are."""
+    names = ", ".join(auxiliary)
+    if mode == "keep":
+        notices.append(f"the auxiliary heads {names} were left in the old class order "
+                       "(--aux-heads keep): do not use their outputs without re-training them")
+        return {}
+    diagnosis = head.get("diagnosis")
+    if diagnosis is None:
+        raise CheckpointError(
+            f"the model has auxiliary heads over the same classes ({names}) and the head file "
+            "holds no class permutation to re-order them (train_head.py ran without "
+            "--checkpoint): rerun it with --checkpoint, or pass --aux-heads keep")
+    if mode == "auto" and not diagnosis["is_permutation"]:
+        raise CheckpointError(
+            f"the model has auxiliary heads over the same classes ({names}), and the old head is "
+            f"not a clean permutation of the right one (only {diagnosis['clean_share']:.0%} of "
+            "classes map one-to-one), so re-ordering them is a guess: pass --aux-heads permute "
+            "to apply stage 2's best permutation anyway, or --aux-heads keep to leave them")
+    mapping = torch.as_tensor(diagnosis["mapping"], dtype=torch.long)
+    out = {}
+    for name in auxiliary:
+        for part in ("weight", "bias"):
+            tensor = ckpt.state_dict.get(f"{name}.{part}")
+            if tensor is not None:
+                out[f"{name}.{part}"] = tensor[mapping].clone()
+    notices.append(f"the auxiliary heads {names} were re-ordered with stage 2's permutation")
+    return out
+
+
+def _metadata_mapping(metadata: Mapping[str, str]) -> Any:
+    try:
+        return json.loads(metadata.get("id_to_class") or "null")
+    except ValueError:
+        return None
+
+
+def _ordered_entries(old: Any, classes: list[str]) -> list:
+    """The classes in the correct order; imagenet_class_index-style [wnid, name] entries of the
+    old mapping keep their names."""
     if isinstance(old, Mapping):
         entries = list(old.values())
     elif isinstance(old, (list, tuple)):
         entries = list(old)
     else:
         entries = []
-    # imagenet_class_index-style entries [wnid, name] keep their names
-    by_id = {e[0]: e for e in entries if isinstance(e, (list, tuple)) and e}
-    ordered = [by_id.get(c, c) for c in classes]
+    by_id = {e[0]: list(e) for e in entries if isinstance(e, (list, tuple)) and e}
+    return [by_id.get(c, c) for c in classes]
+
+
+def _set_mapping(new: dict, classes: list[str]) -> dict:
+    """`id_to_class` (keeping its form) and `class_to_idx`, in the correct order."""
+    old = new.get("id_to_class")
+    ordered = _ordered_entries(old, classes)
     if isinstance(old, Mapping):
         keys = list(old)
         as_str = bool(keys) and isinstance(keys[0], str)
@@ -202,32 +248,45 @@ def _set_mapping(new: dict, classes: list[str]) -> dict:
     return new
 
 
-def _drop_head_optimizer_state(new: dict, ckpt, head_name: str, arch: str
+def _drop_head_optimizer_state(new: dict, ckpt: Checkpoint, changed: set[str], arch: str
                                ) -> tuple[dict, list[str]]:
-    """Drop the optimizer state (momentum, Adam moments) of the old head's parameters."""
+    """Drop the optimizer state (momentum, Adam moments) of the changed layers' parameters.
+
+    `optimizer` and the like hold one optimizer's state dict; Lightning's `optimizer_states` a
+    list of them.
+    """
     notices = []
     for key in OPTIMIZER_KEYS:
-        opt = new.get(key)
-        if not (isinstance(opt, Mapping) and "state" in opt and "param_groups" in opt):
+        value = new.get(key)
+        states = value if isinstance(value, list) else [value]
+        if not states or not all(isinstance(o, Mapping) and "state" in o and "param_groups" in o
+                                 for o in states):
             continue
-        index = _head_param_indices(ckpt, head_name, arch, opt["param_groups"])
-        new = dict(new)
-        if index is None:
-            new[key] = {**opt, "state": {}}
-            notices.append(f"{key}: could not tell which entries belong to the head (several "
-                           "parameter groups), so all optimizer state was dropped; its "
-                           "hyper-parameters are kept")
-        else:
-            new[key] = {**opt, "state": {k: v for k, v in opt["state"].items()
-                                         if k not in index}}
-            notices.append(f"{key}: the old head's optimizer state (momentum etc.) was dropped")
+        kept = []
+        for i, opt in enumerate(states):
+            label = f"{key}[{i}]" if isinstance(value, list) else key
+            index = (_head_param_indices(ckpt, changed, arch, opt["param_groups"])
+                     if len(states) == 1 else None)
+            if index is None:
+                kept.append({**opt, "state": {}})
+                notices.append(f"{label}: could not tell which entries belong to the head "
+                               "(several parameter groups or optimizers), so all its state was "
+                               "dropped; its hyper-parameters are kept")
+            else:
+                kept.append({**opt, "state": {k: v for k, v in opt["state"].items()
+                                              if k not in index}})
+                notices.append(f"{label}: the old head's optimizer state (momentum etc.) was "
+                               "dropped")
+        new = {**new, key: kept if isinstance(value, list) else kept[0]}
     return new, notices
 
 
-def _head_param_indices(ckpt, head_name: str, arch: str, groups) -> set[int] | None:
-    """The head's parameter ids, when the optimizer held one group in model order."""
+def _head_param_indices(ckpt: Checkpoint, changed: set[str], arch: str, groups
+                        ) -> set[int] | None:
+    """The changed parameters' ids, when the optimizer held one group in model order."""
     if len(groups) != 1:
         return None
+    head_name = next(iter(sorted(changed))).rsplit(".", 1)[0]
     try:
         num = head_out_features(ckpt.state_dict, head_name)
         params = [n for n, _ in build_model(arch, num, ckpt.state_dict).named_parameters()]
@@ -236,14 +295,14 @@ def _head_param_indices(ckpt, head_name: str, arch: str, groups) -> set[int] | N
     ids = groups[0]["params"]
     if len(params) != len(ids):
         return None
-    return {ids[i] for i, n in enumerate(params)
-            if n in (f"{head_name}.weight", f"{head_name}.bias")}
+    return {ids[i] for i, n in enumerate(params) if n in changed}
 
 
-def _save_verified(new: Any, out: Path, original: Any, copies: list[Container],
-                   head_name: str, weight: torch.Tensor, bias: torch.Tensor,
-                   trust: bool) -> None:
-    """Temp file beside `out`, fsync, reload and verify, os.replace, fsync the folder."""
+def _save_verified(new: Any, out: Path, ckpt: Checkpoint, changes: dict[str, torch.Tensor],
+                   trust: bool, metadata: dict[str, str] | None) -> None:
+    """Temp file beside `out`, fsync, reload and verify, os.replace, fsync the folder.
+
+    `metadata` is not None for a safetensors output (the input was one)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in glob.glob(str(out.parent / f".{out.name}.tmp-*")):
         pid = stale.rsplit("-", 1)[-1]
@@ -251,11 +310,18 @@ def _save_verified(new: Any, out: Path, original: Any, copies: list[Container],
             os.unlink(stale)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(new, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _verify(tmp, original, copies, head_name, weight, bias, trust)
+        if metadata is not None:
+            from safetensors.torch import save_file
+
+            save_file(new, str(tmp), metadata=metadata)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        else:
+            with open(tmp, "wb") as f:
+                torch.save(new, f)
+                f.flush()
+                os.fsync(f.fileno())
+        _verify(tmp, ckpt, changes, trust, metadata)
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -277,28 +343,34 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _verify(path: Path, original: Any, copies: list[Container], head_name: str,
-            weight: torch.Tensor, bias: torch.Tensor, trust: bool) -> None:
+def _verify(path: Path, ckpt: Checkpoint, changes: dict[str, torch.Tensor], trust: bool,
+            metadata: dict[str, str] | None) -> None:
     """Reload the written file from disk and compare it with the original as loaded (stitching
-    builds new dicts and never mutates it): every non-head tensor bit-identical, the head as
-    trained, no key lost."""
-    written = torch_load(path, trust=trust)
-    if isinstance(original, Mapping) and not is_state_dict(original):
+    builds new dicts and never mutates it): every tensor but the changed ones bit-identical,
+    the changed ones as intended, no key lost."""
+    original = ckpt.raw
+    if metadata is not None:
+        written, meta = load_safetensors(path)
+        if meta != metadata:
+            raise CheckpointError("verification failed: the safetensors metadata differs")
+    else:
+        written = torch_load(path, trust=trust)
+    if not is_state_dict(original):
         missing = set(original) - set(written)
         if missing:
             raise CheckpointError(f"verification failed: keys {sorted(missing)} were lost")
-    for c in copies:
+    for c in ckpt.copies:
         a, b = _get(original, c.path), _get(written, c.path)
         if set(a) != set(b):
-            raise CheckpointError(f"verification failed: the keys of {c.path} changed")
-        head_keys = {f"{c.prefix}{head_name}.weight": weight, f"{c.prefix}{head_name}.bias": bias}
+            raise CheckpointError(f"verification failed: the keys of {c.label()} changed")
+        expected = {f"{c.prefix}{name}": t for name, t in changes.items()}
         for key, tensor in a.items():
             other = b[key]
             if other.dtype != tensor.dtype or other.shape != tensor.shape:
                 raise CheckpointError(f"verification failed: {key} changed dtype or shape")
-            if key in head_keys:
-                if not torch.equal(other, head_keys[key].to(tensor.dtype)):
-                    raise CheckpointError(f"verification failed: {key} is not the new head")
+            if key in expected:
+                if not torch.equal(other, expected[key].to(tensor.dtype)):
+                    raise CheckpointError(f"verification failed: {key} is not as stitched")
             elif not torch.equal(other.reshape(-1).view(torch.uint8),
                                  tensor.reshape(-1).view(torch.uint8)):
                 raise CheckpointError(f"verification failed: backbone tensor {key} changed")
@@ -306,7 +378,7 @@ def _verify(path: Path, original: Any, copies: list[Container], head_name: str,
 
 @torch.inference_mode()
 def verify_on_images(fixed: Path, data_dir: Path, head: dict, *, device: torch.device,
-                     batch_size: int = 64) -> tuple[float, int]:
+                     batch_size: int = 64, trust: bool = False) -> tuple[float, int]:
     """Top-1 of the stitched model end to end on an image folder (the torchvision/PIL path).
 
     `data_dir` is a split folder of class folders, or a root holding `val/`. Files that stage 1
@@ -325,7 +397,8 @@ def verify_on_images(fixed: Path, data_dir: Path, head: dict, *, device: torch.d
     p = components["preprocessing"]
     pre = Preprocess(p["resize"], p["crop"], p["interpolation"], tuple(p["mean"]),
                      tuple(p["std"]))
-    ckpt = load_checkpoint(fixed)
+    # the copy of the model the head was trained for (the EMA one after --ema)
+    ckpt = load_checkpoint(fixed, trust=trust, use_ema=bool(head["store"].get("ema", False)))
     model = build_model(head["store"]["arch"], len(classes), ckpt.state_dict)
     model.load_state_dict(ckpt.state_dict)
     model.eval().to(device)

@@ -16,7 +16,7 @@ import torch
 
 from . import head as H
 from . import store as S
-from .checkpoint import hash_tensors, load_checkpoint
+from .checkpoint import backbone_digest, load_checkpoint
 from .cli import run_record
 from .errors import DataError, StoreError
 from .report import plot_curves, write_jsonl
@@ -208,6 +208,8 @@ def run_train(
                   "fingerprint": group.attrs["fingerprint"]["digest"],
                   "backbone_sha256": components["backbone_sha256"],
                   "arch": components["arch"], "head": components["head"],
+                  "other_heads": components.get("other_heads", {}),
+                  "ema": bool(group.attrs.get("checkpoint", {}).get("ema", False)),
                   "feature_dim": dim},
         "config": {**asdict(config), "init": "old-head (permuted)" if init_tensors is not None
                    else "zeros", "resident": resident, "device": dev.type,
@@ -238,12 +240,14 @@ def _fits(train: H.Features, device: torch.device) -> bool:
 def _old_head(path: Path, components: dict, classes: list[str], dim: int, stored: dict | None,
               trust: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The original head, after checking that the store was made from this checkpoint."""
-    ckpt = load_checkpoint(path, trust=trust)
+    use_ema = bool((stored or {}).get("ema", False))
+    ckpt = load_checkpoint(path, trust=trust, use_ema=use_ema)
     head = components["head"]
-    digest = hash_tensors(ckpt.state_dict, exclude_prefixes=(f"{head}.",))
+    digest = backbone_digest(ckpt.state_dict, head, components.get("other_heads"))
     if digest != components["backbone_sha256"]:
+        which = f"the {ckpt.source_key} weights of " if use_ema else ""
         raise StoreError(
-            f"the feature store was not made from {path}: its backbone weights differ "
+            f"the feature store was not made from {which}{path}: its backbone weights differ "
             "(rerun extract_features.py with this checkpoint)")
     weight = ckpt.state_dict.get(f"{head}.weight")
     bias = ckpt.state_dict.get(f"{head}.bias")

@@ -28,7 +28,8 @@ def test_find_head_is_the_final_linear(arch, head):
 
 def test_backbone_output_is_the_head_input():
     model = make_model("mobilenet_v3_small", num_classes=5)
-    backbone, head_name, dim = M.split_backbone(model)
+    backbone, heads, dim = M.split_backbone(model)
+    head_name = heads.head
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         feats = backbone(x)
