@@ -4,7 +4,7 @@
 #            [CLASS_ORDER=imagenet_class_index.json] [EPOCHS=5] [LR=0.01,0.03,0.1,0.3] [WD=...]
 #
 # runs the three stages and reruns only what is stale: a new LR reruns stages 2 and 3 only.
-# The fixed model lands in fixed/checkpoint_best.pth beside CHECKPOINT, with the feature store
+# The fixed model lands in fixed/ beside CHECKPOINT, under its file name, with the feature store
 # and the head beside it. Paths must not contain spaces (a limit of make).
 PYTHON ?= python3
 VENV   ?= .venv
@@ -15,7 +15,7 @@ CHECKPOINT  ?=
 DATA        ?=
 CLASS_ORDER ?=
 FIXDIR      ?= $(patsubst %/,%,$(dir $(CHECKPOINT)))/fixed
-OUT         ?= $(FIXDIR)/checkpoint_best.pth
+OUT         ?= $(FIXDIR)/$(notdir $(CHECKPOINT))
 STORE       ?= $(FIXDIR)/features.zarr
 HEAD        ?= $(FIXDIR)/head.pt
 EPOCHS      ?= 5

@@ -54,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="when stderr is not a terminal (a SLURM or nohup log), log a "
                         "progress line this often")
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction,
-                        help="use the checkpoint's EMA weights (stages 2 and 3 follow the "
-                        "store's choice)")
+                        help="use the checkpoint's EMA weights; stages 2 and 3 follow the "
+                        "store's choice (default: the EMA for a timm checkpoint that has one, "
+                        "as timm loads it, else the model)")
     parser.add_argument("--head", metavar="NAME",
                         help="the classification layer to retrain, e.g. fc or head (default: "
                         "timm's get_classifier(), else the last linear layer)")
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action=argparse.BooleanOptionalAction,
                         help="replace a store that was made from other inputs")
     parser.set_defaults(batch_size=128, decoder="auto", precision="auto", float32=False,
-                        chunk_rows=1024, ema=False, overwrite=False, progress_every=30.0)
+                        chunk_rows=1024, ema=None, overwrite=False, progress_every=30.0)
     return parser
 
 

@@ -116,8 +116,14 @@ LAYOUTS = {
 }
 
 
-def load_checkpoint(path: Path, *, trust: bool = False, use_ema: bool = False) -> Checkpoint:
-    """Read `path` and pull out a clean state dict, the architecture hint and class mapping."""
+def load_checkpoint(path: Path, *, trust: bool = False, use_ema: bool | None = False
+                    ) -> Checkpoint:
+    """Read `path` and pull out a clean state dict, the architecture hint and class mapping.
+
+    `use_ema=None` picks what the checkpoint's own ecosystem loads by default: timm's
+    `load_checkpoint` and `create_model(checkpoint_path=...)` take `state_dict_ema` when present;
+    everything else, the model.
+    """
     metadata: dict[str, str] = {}
     if is_safetensors(path):
         raw, metadata = load_safetensors(path)
@@ -132,6 +138,11 @@ def load_checkpoint(path: Path, *, trust: bool = False, use_ema: bool = False) -
             "expected what torch.save(model.state_dict()) or a training script writes"
         )
     layout = _layout(raw, fmt)
+    if use_ema is None:
+        use_ema = layout == "timm" and is_weights(raw.get("state_dict_ema"))
+        if use_ema:
+            log.info("timm checkpoint with state_dict_ema: using the EMA weights, as timm's "
+                     "loader does (--no-ema for the others)")
     source_key, weights = _find_weights(raw, use_ema=use_ema, path=path)
     if isinstance(weights, torch.nn.Module):
         weights = weights.state_dict()
@@ -187,10 +198,12 @@ def is_safetensors(path: Path) -> bool:
             size = path.stat().st_size
     except OSError:
         return False
+    if path.suffix == ".safetensors":
+        return True
     if len(head) < 9 or head[8:9] != b"{":
         return False
     (n,) = struct.unpack("<Q", head[:8])
-    return 2 <= n <= size - 8
+    return 2 <= n <= size  # a damaged file (n past its end) is still reported as safetensors
 
 
 def load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

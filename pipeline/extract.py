@@ -114,13 +114,18 @@ def prepare_model(ckpt: Checkpoint, arch: str | None, head: str | None = None) -
     if head is not None:
         weight = sd.get(f"{head}.weight")
         if weight is None or weight.ndim != 2:
-            raise ArchitectureError(f"--head {head}: the checkpoint has no 2-d {head}.weight")
+            layers = [k.removesuffix(".weight") for k, v in sd.items()
+                      if k.endswith(".weight") and v.ndim == 2]
+            raise ArchitectureError(f"--head {head}: the checkpoint has no 2-d {head}.weight; "
+                                    f"its linear layers are {', '.join(layers[-8:]) or 'none'}")
         num_classes = int(weight.shape[0])
     else:
         # The head is the last 2-d weight in registration order; its rows are the classes.
+        # (With none, the last weight: a convolutional head, which find_heads explains.)
         head_keys = [k for k, v in sd.items() if k.endswith(".weight") and v.ndim == 2]
+        head_keys = head_keys or [k for k in sd if k.endswith(".weight")]
         if not head_keys:
-            raise ArchitectureError(f"the checkpoint {ckpt.path} has no linear layer weights")
+            raise ArchitectureError(f"the checkpoint {ckpt.path} has no layer weights")
         num_classes = int(sd[head_keys[-1]].shape[0])
     model = M.build_model(arch, num_classes, sd)
     M.load_weights(model, sd, arch)
@@ -224,7 +229,7 @@ def run_extract(
     progress_every: float = 30.0,
     overwrite: bool = False,
     trust_checkpoint: bool = False,
-    use_ema: bool = False,
+    use_ema: bool | None = None,
     head: str | None = None,
     rank: int = 0,
     world_size: int = 1,
@@ -311,7 +316,7 @@ def run_extract(
                                     "backbone_sha256": model.backbone_sha256,
                                     "head": model.head_name, "num_classes": model.num_classes,
                                     "classes": ckpt.classes, "layout": ckpt.layout,
-                                    "weights": ckpt.source_key, "ema": use_ema},
+                                    "weights": ckpt.source_key, "ema": ckpt.use_ema},
                      "class_audit": {"source": order.source, "warnings": order.warnings}},
     ))
 

@@ -184,17 +184,20 @@ def find_heads(model: nn.Module, head: str | None = None) -> Heads:
                 f"--head {head} {what} {type(model).__name__}; its linear layers are "
                 f"{', '.join(list(linears)[-6:]) or 'none'}")
     elif is_timm(model):
-        found = model.get_classifier()
-        found = found if isinstance(found, tuple) else (found,)
-        names = {id(m): n for n, m in modules.items()}
-        named = [names.get(id(m)) for m in found]
-        if not named or not all(n and isinstance(modules[n], nn.Linear) for n in named):
+        named = _timm_heads(model, modules)
+        if not all(isinstance(modules.get(n), nn.Linear) for n in named):
             raise ArchitectureError(
                 f"timm's get_classifier() of {type(model).__name__} is not an nn.Linear "
-                f"({', '.join(type(m).__name__ for m in found)}); name the head with --head")
+                f"({', '.join(type(modules.get(n)).__name__ for n in named)}); name the "
+                "head with --head")
         head, tied = named[0], tuple(named[1:])
     else:
         head = find_head(model)[0]
+    if is_timm(model) and not tied:
+        # timm's distilled models average two heads: naming one of them names both
+        named = _timm_heads(model, modules)
+        if head in named and len(named) > 1:
+            tied = tuple(n for n in named if n != head)
     out = linears[head].out_features
     for name in tied:
         if linears[name].weight.shape != linears[head].weight.shape:
@@ -203,6 +206,13 @@ def find_heads(model: nn.Module, head: str | None = None) -> Heads:
     auxiliary = tuple(n for n, m in linears.items()
                       if m.out_features == out and n != head and n not in tied)
     return Heads(head, tied, auxiliary)
+
+
+def _timm_heads(model: nn.Module, modules: dict[str, nn.Module]) -> list[str]:
+    found = model.get_classifier()
+    found = found if isinstance(found, tuple) else (found,)
+    names = {id(m): n for n, m in modules.items()}
+    return [names.get(id(m), "?") for m in found]
 
 
 def split_backbone(model: nn.Module, heads: Heads | None = None
@@ -254,7 +264,10 @@ def head_out_features(state_dict: Mapping[str, torch.Tensor], head_name: str) ->
 
 
 def _signature(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    head_name, _ = find_head(model)
+    """Every key's shape, but the head's (its number of classes is free)."""
+    layers = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    layers = layers or [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    head_name = layers[-1] if layers else ""
     head_keys = (f"{head_name}.weight", f"{head_name}.bias")
     return {k: (() if k in head_keys else tuple(v.shape)) for k, v in model.state_dict().items()}
 

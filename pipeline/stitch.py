@@ -139,6 +139,10 @@ def stitch(*, checkpoint: Path, head_path: Path, out: Path, overwrite: bool = Fa
 
     raw = ckpt.raw
     copies = ckpt.copies
+    if not copies:
+        raise CheckpointError(
+            f"{checkpoint} holds its model as a pickled object, not a state dict, so there is no "
+            "state dict to write the head into: save model.state_dict() in its place and rerun")
     new = dict(raw)
     for c in copies:
         sd = dict(_get(new, c.path))
@@ -164,12 +168,15 @@ def stitch(*, checkpoint: Path, head_path: Path, out: Path, overwrite: bool = Fa
     }
     metadata = None
     if ckpt.format == SAFETENSORS:
+        if out.suffix != ".safetensors":
+            notices.append(f"the input is a safetensors file, so {out.name} is one too")
         metadata = {**ckpt.metadata, "id_to_class": json.dumps(_ordered_entries(
             _metadata_mapping(ckpt.metadata), classes)), "quickfix": json.dumps(record,
                                                                                 default=str)}
     elif not is_state_dict(raw):
         new = _set_mapping(new, classes)
-        new, dropped = _drop_head_optimizer_state(new, ckpt, set(changes), store["arch"])
+        new, dropped = _drop_head_optimizer_state(new, ckpt, head_name, set(changes),
+                                                  store["arch"])
         notices += dropped
         new["quickfix"] = record
     else:
@@ -248,8 +255,8 @@ def _set_mapping(new: dict, classes: list[str]) -> dict:
     return new
 
 
-def _drop_head_optimizer_state(new: dict, ckpt: Checkpoint, changed: set[str], arch: str
-                               ) -> tuple[dict, list[str]]:
+def _drop_head_optimizer_state(new: dict, ckpt: Checkpoint, head_name: str, changed: set[str],
+                               arch: str) -> tuple[dict, list[str]]:
     """Drop the optimizer state (momentum, Adam moments) of the changed layers' parameters.
 
     `optimizer` and the like hold one optimizer's state dict; Lightning's `optimizer_states` a
@@ -265,7 +272,7 @@ def _drop_head_optimizer_state(new: dict, ckpt: Checkpoint, changed: set[str], a
         kept = []
         for i, opt in enumerate(states):
             label = f"{key}[{i}]" if isinstance(value, list) else key
-            index = (_head_param_indices(ckpt, changed, arch, opt["param_groups"])
+            index = (_head_param_indices(ckpt, head_name, changed, arch, opt["param_groups"])
                      if len(states) == 1 else None)
             if index is None:
                 kept.append({**opt, "state": {}})
@@ -281,12 +288,11 @@ def _drop_head_optimizer_state(new: dict, ckpt: Checkpoint, changed: set[str], a
     return new, notices
 
 
-def _head_param_indices(ckpt: Checkpoint, changed: set[str], arch: str, groups
-                        ) -> set[int] | None:
+def _head_param_indices(ckpt: Checkpoint, head_name: str, changed: set[str], arch: str,
+                        groups) -> set[int] | None:
     """The changed parameters' ids, when the optimizer held one group in model order."""
     if len(groups) != 1:
         return None
-    head_name = next(iter(sorted(changed))).rsplit(".", 1)[0]
     try:
         num = head_out_features(ckpt.state_dict, head_name)
         params = [n for n, _ in build_model(arch, num, ckpt.state_dict).named_parameters()]

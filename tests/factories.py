@@ -33,3 +33,16 @@ class SlowNet(TinyNet):
 def slow_net(num_classes: int = 3) -> nn.Module:
     torch.manual_seed(0)
     return SlowNet(num_classes)
+
+
+class ProjectedNet(TinyNet):
+    """A classifier with a contrastive projection head registered after it (SimCLR/SupCon
+    style, used in training only): the last nn.Linear is not the classifier, --head names it."""
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__(num_classes)
+        self.projector = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def projected_net(num_classes: int = 3) -> nn.Module:
+    return ProjectedNet(num_classes)

@@ -58,7 +58,8 @@ def test_ema_copy_is_chosen_on_request(tmp_path, model):
     sd = model.state_dict()
     ema = {k: (v + 1 if v.is_floating_point() else v) for k, v in sd.items()}
     path = tmp_path / "ckpt.pth"
-    torch.save({"state_dict": sd, "model_ema": {"module." + k: v for k, v in ema.items()}}, path)
+    torch.save({"state_dict": sd, "model_ema": {**{"module." + k: v for k, v in ema.items()},
+                                                "n_averaged": torch.tensor(3)}}, path)
     _same(load_checkpoint(path).state_dict, sd)
     _same(load_checkpoint(path, use_ema=True).state_dict, ema)
 

@@ -44,8 +44,10 @@ def script_checkpoint(model, arch: str, prefix: str = "module.") -> dict:
     wrong = sorted(ORDER)  # trained with folder order: n01, n02, n03
     return {
         "model": sd,
-        "model_ema": {"module." + k: (v.half() if v.is_floating_point() else v)
-                      for k, v in model.state_dict().items()},
+        # torch.optim.swa_utils.AveragedModel's state dict, as torchvision's references save it
+        "model_ema": {**{"module." + k: (v.half() if v.is_floating_point() else v)
+                         for k, v in model.state_dict().items()},
+                      "n_averaged": torch.tensor(17)},
         "optimizer": opt.state_dict(),
         "lr_scheduler": sched.state_dict(),
         "epoch": 89,
