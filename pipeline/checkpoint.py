@@ -306,7 +306,7 @@ def _find_weights(raw: Mapping, *, use_ema: bool, path: Path) -> tuple[str | Non
                     return f"{key}.{inner}", value[inner]
         if is_weights(value) or isinstance(value, torch.nn.Module):
             return key, value
-    what = "an EMA copy" if use_ema else "model weights"
+    what = "EMA copy" if use_ema else "model weights"
     raise CheckpointError(
         f"found no {what} in {path}: expected a state dict or one of the keys "
         f"{', '.join(keys)}; its top-level keys are {', '.join(map(str, list(raw)[:12]))}"
@@ -366,6 +366,8 @@ def strip_prefixes(state_dict: Mapping[str, torch.Tensor], *, lightning: bool = 
 
 def _lightning_attr(keys: list[str], path: Path | None) -> str:
     attrs = list(dict.fromkeys(k.split(".", 1)[0] for k in keys if "." in k))
+    if not attrs:
+        return ""
     if len(attrs) == 1:
         return attrs[0] + "."
     for name in LIGHTNING_ATTRS:

@@ -316,17 +316,22 @@ def _save_verified(new: Any, out: Path, ckpt: Checkpoint, changes: dict[str, tor
             os.unlink(stale)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
-        if metadata is not None:
-            from safetensors.torch import save_file
+        try:
+            if metadata is not None:
+                from safetensors.torch import save_file
 
-            save_file(new, str(tmp), metadata=metadata)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        else:
-            with open(tmp, "wb") as f:
-                torch.save(new, f)
-                f.flush()
-                os.fsync(f.fileno())
+                save_file(new, str(tmp), metadata=metadata)
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+            else:
+                with open(tmp, "wb") as f:
+                    torch.save(new, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+        except (OSError, RuntimeError) as exc:  # a full disk, a read-only folder, a quota
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise CheckpointError(f"cannot write {out}: {first}; the original is untouched") \
+                from exc
         _verify(tmp, ckpt, changes, trust, metadata)
         os.replace(tmp, out)
     except BaseException:

@@ -79,6 +79,13 @@ def stage2_val(head: dict) -> float:
     return head["metrics"]["val_top1"]
 
 
+def assert_verified(capsys, head: dict) -> None:
+    """stitch --verify-data ran the fixed model end to end and found stage 2's top-1."""
+    err = capsys.readouterr().err
+    line = next(ln for ln in err.splitlines() if ln.startswith("verify:"))
+    assert f"top-1 {100 * stage2_val(head):.2f}%" in line, line
+
+
 # --- torchvision references: train.py --model-ema ------------------------------------------------
 
 
@@ -131,9 +138,7 @@ def test_references_ema_end_to_end(tmp_path, tree, capsys):
     # the plain copy has the new head too, in the right order
     assert torch.equal(fixed["model"]["fc.weight"], head["weight"])
     # --verify-data ran the EMA copy, the one the head was trained for
-    err = capsys.readouterr().err
-    line = next(ln for ln in err.splitlines() if ln.startswith("verify:"))
-    assert f"top-1 {100 * stage2_val(head):.2f}%" in line
+    assert_verified(capsys, head)
 
 
 def test_store_made_with_ema_is_refused_for_other_weights(tmp_path, tree, capsys):
@@ -177,7 +182,7 @@ def _lightning_module_class():
     return L, Classifier
 
 
-def test_lightning_checkpoint_end_to_end(tmp_path, tree):
+def test_lightning_checkpoint_end_to_end(tmp_path, tree, capsys):
     L, Classifier = _lightning_module_class()
     torch.manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,)))
@@ -194,6 +199,7 @@ def test_lightning_checkpoint_end_to_end(tmp_path, tree):
     head, out, rc = fix(tmp_path, tree, ckpt, extract=["--resize", "40", "--crop", "32"],
                         stitch=["--verify-data", str(tree)])
     assert rc == 0
+    assert_verified(capsys, head)
     fixed = torch.load(out, weights_only=True)
     assert set(fixed["state_dict"]) == set(original["state_dict"])
     assert torch.equal(fixed["state_dict"]["model.fc.weight"], head["weight"])
@@ -234,7 +240,7 @@ def test_lightning_prefix_with_several_submodules(tmp_path, model):
 
 def _timm_checkpoint(tmp_path: Path, name: str, **args) -> tuple[Path, torch.nn.Module]:
     """A checkpoint written by timm's own CheckpointSaver, with a ModelEmaV3, as train.py does."""
-    timm = pytest.importorskip("timm")
+    import timm
     from timm.optim import create_optimizer_v2
     from timm.utils import CheckpointSaver, ModelEmaV3
 
@@ -260,8 +266,8 @@ def _timm_checkpoint(tmp_path: Path, name: str, **args) -> tuple[Path, torch.nn.
     return folder / "model_best.pth.tar", model
 
 
-def test_timm_checkpoint_end_to_end(tmp_path, tree):
-    timm = pytest.importorskip("timm")
+def test_timm_checkpoint_end_to_end(tmp_path, tree, capsys):
+    import timm
     from timm.data import create_transform, resolve_data_config
 
     ckpt, _ = _timm_checkpoint(tmp_path, "convnext_atto", crop_pct=0.9)
@@ -269,6 +275,7 @@ def test_timm_checkpoint_end_to_end(tmp_path, tree):
     # the checkpoint's --crop-pct (224 / 0.9 -> 248) and the model's bicubic interpolation
     head, out, rc = fix(tmp_path, tree, ckpt, stitch=["--verify-data", str(tree)])
     assert rc == 0
+    assert_verified(capsys, head)
     store = zarr.open_group(str(tmp_path / "f.zarr"), mode="r")
     pre = store.attrs["fingerprint"]["components"]["preprocessing"]
     assert (pre["resize"], pre["crop"], pre["interpolation"]) == (248, 224, "bicubic")
@@ -291,12 +298,13 @@ def test_timm_checkpoint_end_to_end(tmp_path, tree):
     assert torch.load(out, weights_only=False)["optimizer"]["state"] == {}
 
 
-def test_timm_distilled_heads_are_tied(tmp_path, tree):
-    timm = pytest.importorskip("timm")
+def test_timm_distilled_heads_are_tied(tmp_path, tree, capsys):
+    import timm
     ckpt, model = _timm_checkpoint(tmp_path, "deit_tiny_distilled_patch16_224")
     head, out, rc = fix(tmp_path, tree, ckpt, extract=["--resize", "256", "--crop", "224"],
                         stitch=["--verify-data", str(tree)])
     assert rc == 0
+    assert_verified(capsys, head)
     assert head["store"]["other_heads"] == {"tied": ["head_dist"]}
     fixed = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=3,
                               checkpoint_path=str(out))
@@ -307,8 +315,18 @@ def test_timm_distilled_heads_are_tied(tmp_path, tree):
         stage2_val(head))
 
 
+def test_timm_checkpoint_defaults_to_its_ema_like_timm(tmp_path):
+    ckpt, model = _timm_checkpoint(tmp_path, "convnext_atto")
+    auto, plain = load_checkpoint(ckpt, use_ema=None), load_checkpoint(ckpt, use_ema=False)
+    assert (auto.layout, auto.arch, auto.use_ema, auto.source_key) == (
+        "timm", "timm:convnext_atto", True, "state_dict_ema")
+    assert plain.source_key == "state_dict" and not plain.use_ema
+    assert torch.equal(plain.state_dict["stem.0.weight"], model.stem[0].weight)
+    assert not torch.equal(auto.state_dict["stem.0.weight"], model.stem[0].weight)
+    assert [c.label() for c in auto.copies] == ["state_dict", "state_dict_ema"]
+
+
 def test_timm_arch_flag_and_unknown_names(tmp_path, tree, capsys):
-    pytest.importorskip("timm")
     ckpt, _ = _timm_checkpoint(tmp_path, "convnext_atto")
     sd = tmp_path / "sd.pth"
     torch.save(torch.load(ckpt, weights_only=False)["state_dict"], sd)
@@ -323,7 +341,7 @@ def test_timm_arch_flag_and_unknown_names(tmp_path, tree, capsys):
 # --- safetensors --------------------------------------------------------------------------------
 
 
-def test_safetensors_in_safetensors_out(tmp_path, tree):
+def test_safetensors_in_safetensors_out(tmp_path, tree, capsys):
     from safetensors.torch import load_file, save_file
 
     model = make_model("resnet18")
@@ -334,6 +352,7 @@ def test_safetensors_in_safetensors_out(tmp_path, tree):
     head, out, rc = fix(tmp_path, tree, ckpt, extract=["--resize", "40", "--crop", "32"],
                         stitch=["--verify-data", str(tree)])
     assert rc == 0 and out.name == "model.safetensors"
+    assert_verified(capsys, head)
     from safetensors import safe_open
 
     with safe_open(str(out), framework="pt") as f:
@@ -386,6 +405,7 @@ def test_inception_aux_head_refused_then_permuted(tmp_path, tree, capsys):
                                  "--out", str(out), "--aux-heads", "permute", "--verify-data",
                                  str(tree)])
     assert rc == 0
+    assert_verified(capsys, head)
     fixed, old = torch.load(out, weights_only=False), torch.load(ckpt, weights_only=False)
     mapping = torch.as_tensor(head["diagnosis"]["mapping"])
     for key in ("AuxLogits.fc.weight", "AuxLogits.fc.bias"):
@@ -481,6 +501,4 @@ def test_verify_data_with_trust_checkpoint(tmp_path, tree, capsys):
     head, out, rc = fix(tmp_path, tree, ckpt, extract=[*trust, "--resize", "40", "--crop", "32"],
                         train=trust, stitch=[*trust, "--verify-data", str(tree)])
     assert rc == 0
-    err = capsys.readouterr().err
-    line = next(ln for ln in err.splitlines() if ln.startswith("verify:"))
-    assert f"top-1 {100 * stage2_val(head):.2f}%" in line
+    assert_verified(capsys, head)

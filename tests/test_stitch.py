@@ -230,3 +230,23 @@ def test_make_fix_reruns_only_stale_stages(tmp_path, tree):
     ckpt.touch()  # a new checkpoint: everything is stale
     assert run("LR=0.05") == {"extract:", "train_head:", "stitch:"}
     shutil.rmtree(ckpt.parent / "fixed")
+
+
+def test_a_write_that_fails_is_one_line_and_leaves_nothing(tmp_path, tree):
+    """A file-size limit (RLIMIT_FSIZE) makes the write fail as a full disk does: one error
+    line, exit code 2, no output and no temp file; the original untouched."""
+    _, ckpt, _, head = run_stages(tmp_path, tree, epochs="1")
+    before = sha(ckpt)
+    out = tmp_path / "fixed" / "checkpoint_best.pth"
+    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)); "
+            "import stitch_checkpoint; sys.exit(stitch_checkpoint.main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code, "--checkpoint", str(ckpt), "--head",
+                           str(head), "--out", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 2, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and f"cannot write {out}" in errors[0]
+    assert "Traceback" not in proc.stderr
+    assert not out.exists() and not list(out.parent.glob(".*tmp-*"))
+    assert sha(ckpt) == before
