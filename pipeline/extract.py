@@ -137,11 +137,23 @@ def prepare_model(ckpt: Checkpoint, arch: str | None, head: str | None = None) -
     if heads.tied:
         log.info("heads %s are averaged at eval time: the backbone gives the average of their "
                  "inputs, and each receives the new head", ", ".join(heads.replaced))
+    return Model(arch, backbone.eval(), heads.head, dim, num_classes, "", heads, model)
+
+
+def settle_heads(model: Model, state_dict, size: int) -> None:
+    """Decide which candidate auxiliary heads really are (a probe at the crop size), then the
+    backbone digest, which leaves out every head."""
+    heads, used = M.settle_auxiliary(model.full, model.heads, size)
+    if used:
+        log.warning("layers %s have as many outputs as the head (%d) but the model uses them at "
+                    "eval time, so they are not heads and are left as they are; if one is a "
+                    "second classification head, pass --head to choose the one to retrain",
+                    ", ".join(used), model.num_classes)
     if heads.auxiliary:
         log.info("auxiliary heads over the same classes: %s (stage 3 re-orders them too)",
                  ", ".join(heads.auxiliary))
-    return Model(arch, backbone.eval(), heads.head, dim, num_classes,
-                 backbone_digest(sd, heads.head, heads_record(heads)), heads, model)
+    model.heads = heads
+    model.backbone_sha256 = backbone_digest(state_dict, heads.head, heads_record(heads))
 
 
 def heads_record(heads: M.Heads) -> dict:
@@ -262,13 +274,14 @@ def run_extract(
              ckpt.source_key or "the file itself")
     model = prepare_model(ckpt, arch, head)
     pre, pre_source = M.default_preprocess(model.arch, ckpt.args, model.full)
-    model.full = None
     if resize is not None or crop is not None:
         pre = M.Preprocess(resize or pre.resize, crop or pre.crop, pre.interpolation, pre.mean,
                            pre.std)
         pre_source = "the command line"
     if pre.crop > pre.resize:
         raise DataError(f"--crop {pre.crop} is larger than --resize {pre.resize}")
+    settle_heads(model, ckpt.state_dict, pre.crop)
+    model.full = None
     log.info("preprocessing: resize %d, crop %d, %s (from %s)", pre.resize, pre.crop,
              pre.interpolation, pre_source)
 

@@ -11,8 +11,8 @@ class order is left behind:
   logits at eval time; both are cut off (the backbone then gives the average of their inputs)
   and both receive the new head, which reproduces a single linear head on those features.
 - auxiliary heads (GoogLeNet's `aux1.fc2`/`aux2.fc2`, Inception v3's `AuxLogits.fc`): every
-  other `nn.Linear` with as many outputs as the head; stage 3 re-orders their rows with the
-  permutation stage 2 found.
+  other `nn.Linear` with as many outputs as the head that the model does not use at eval time
+  (settle_auxiliary); stage 3 re-orders their rows with the permutation stage 2 found.
 """
 
 from __future__ import annotations
@@ -208,6 +208,56 @@ def find_heads(model: nn.Module, head: str | None = None) -> Heads:
     return Heads(head, tied, auxiliary)
 
 
+@torch.no_grad()
+def settle_auxiliary(model: nn.Module, heads: Heads, size: int) -> tuple[Heads, list[str]]:
+    """Keep as auxiliary heads only the candidates the model does not use at eval time.
+
+    A layer with as many outputs as the head is either a second head over the same classes
+    (GoogLeNet's and Inception's auxiliary classifiers run in training only) or an internal
+    layer whose width happens to equal the number of classes (Swin V2's `cpb_mlp` has one
+    output per attention head: 3, 6, 12, 24). Re-ordering the rows of the latter would break
+    the model, so each candidate's rows are permuted once on a probe image: the eval output
+    unchanged means the layer is unused at eval time, an auxiliary head. Returns the settled
+    heads and the candidates that are used (left as they are, and named in a warning).
+    """
+    if not heads.auxiliary:
+        return heads, []
+    was_training = model.training
+    model.eval()
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    try:
+        reference = _flat(model(x))
+    except Exception as exc:  # the model rejects this input size
+        raise ArchitectureError(
+            f"cannot run {type(model).__name__} on a {size}x{size} image ({exc}) to tell whether "
+            f"{', '.join(heads.auxiliary)} (as many outputs as the head) are auxiliary heads; "
+            "check --crop") from exc
+    auxiliary, used = [], []
+    for name in heads.auxiliary:
+        layer = model.get_submodule(name)
+        saved = [t.detach().clone() for t in (layer.weight, layer.bias) if t is not None]
+        perm = torch.roll(torch.arange(layer.out_features), 1)
+        for t in (layer.weight, layer.bias):
+            if t is not None:
+                t.copy_(t[perm])
+        try:
+            same = torch.allclose(_flat(model(x)), reference, rtol=0, atol=0)
+        finally:
+            for t, old in zip([t for t in (layer.weight, layer.bias) if t is not None], saved,
+                              strict=True):
+                t.copy_(old)
+        (auxiliary if same else used).append(name)
+    model.train(was_training)
+    return Heads(heads.head, heads.tied, tuple(auxiliary)), used
+
+
+def _flat(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out.reshape(-1)
+    parts = out.values() if isinstance(out, Mapping) else out
+    return torch.cat([_flat(p) for p in parts if isinstance(p, torch.Tensor | tuple | list)])
+
+
 def _timm_heads(model: nn.Module, modules: dict[str, nn.Module]) -> list[str]:
     found = model.get_classifier()
     found = found if isinstance(found, tuple) else (found,)
@@ -378,8 +428,8 @@ def _timm_preprocess(arch: str, ckpt_args: Mapping, model: nn.Module) -> tuple[P
         cfg = resolve_data_config({}, model=model)
     _, height, width = cfg["input_size"]
     if height != width:
-        raise ArchitectureError(f"{arch} validates at {height}x{width}; only square crops are "
-                                "supported: pass --resize and --crop")
+        log.warning("%s validates at %dx%d; stage 1 crops squares: using %d (or pass --resize "
+                    "and --crop)", arch, height, width, height)
     mode = cfg.get("crop_mode") or "center"
     if mode != "center":
         log.warning("%s validates with timm's crop_mode %r; stage 1 uses a center crop",

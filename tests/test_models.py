@@ -76,3 +76,20 @@ def test_default_preprocess_sources():
     assert (pre.resize, pre.crop) == (232, 224) and "training args" in src
     pre, _ = M.default_preprocess("tests.factories:tiny_net")
     assert (pre.resize, pre.crop) == (256, 224)
+
+
+def test_layers_as_wide_as_the_head_are_auxiliary_only_if_unused_at_eval():
+    """Swin V2's cpb_mlp has one output per attention head (3 in its first stage): with 3
+    classes it looks like a head, but the model uses it, so its rows must not be re-ordered.
+    GoogLeNet's aux1.fc2/aux2.fc2 run in training only: those are auxiliary heads."""
+    torch.manual_seed(0)
+    swin = torchvision.models.swin_v2_t(num_classes=3)
+    candidates = M.find_heads(swin)
+    assert "features.1.0.attn.cpb_mlp.2" in candidates.auxiliary
+    before = {k: v.clone() for k, v in swin.state_dict().items()}
+    settled, used = M.settle_auxiliary(swin, candidates, 64)
+    assert settled.auxiliary == () and set(used) == set(candidates.auxiliary)
+    assert all(torch.equal(before[k], v) for k, v in swin.state_dict().items())  # restored
+    googlenet = torchvision.models.googlenet(num_classes=3, aux_logits=True, init_weights=False)
+    settled, used = M.settle_auxiliary(googlenet, M.find_heads(googlenet), 64)
+    assert settled.auxiliary == ("aux1.fc2", "aux2.fc2") and used == []
