@@ -31,6 +31,7 @@ from . import __version__
 from .checkpoint import (
     SAFETENSORS,
     Checkpoint,
+    Container,
     backbone_digest,
     is_state_dict,
     load_checkpoint,
@@ -128,11 +129,13 @@ def stitch(*, checkpoint: Path, head_path: Path, out: Path, overwrite: bool = Fa
         raise CheckpointError(f"{checkpoint} names other classes than the head {head_path}")
 
     notices: list[str] = []
-    changes = {f"{name}.{p}": t for name in (head_name, *others.get("tied", ()))
+    # what changes in every copy: tensors replaced by the new head, rows re-ordered in place
+    replace = {f"{name}.{p}": t for name in (head_name, *others.get("tied", ()))
                for p, t in (("weight", weight), ("bias", bias))}
     auxiliary = list(others.get("auxiliary", ()))
-    if auxiliary:
-        changes.update(_reordered_aux(ckpt, auxiliary, head, aux_heads, notices))
+    reorder = (_reordered_aux(auxiliary, ckpt.state_dict, head, aux_heads, notices)
+               if auxiliary else {})
+    changes = Changes(replace, reorder)
     if ema:
         notices.append(f"the head was trained on the features of the EMA weights "
                        f"({ckpt.source_key}); it was written into every copy of the model")
@@ -146,13 +149,7 @@ def stitch(*, checkpoint: Path, head_path: Path, out: Path, overwrite: bool = Fa
     new = dict(raw)
     for c in copies:
         sd = dict(_get(new, c.path))
-        for name, tensor in changes.items():
-            key = f"{c.prefix}{name}"
-            if key not in sd:
-                if name.endswith(".bias") and tensor is bias:
-                    continue
-                raise CheckpointError(f"{checkpoint}: {c.label()} has no {key}")
-            sd[key] = tensor.to(dtype=sd[key].dtype).clone()
+        sd.update(changes.tensors(sd, c, checkpoint))
         new = _set(new, c.path, sd)
 
     record = {
@@ -175,7 +172,7 @@ def stitch(*, checkpoint: Path, head_path: Path, out: Path, overwrite: bool = Fa
                                                                                 default=str)}
     elif not is_state_dict(raw):
         new = _set_mapping(new, classes)
-        new, dropped = _drop_head_optimizer_state(new, ckpt, head_name, set(changes),
+        new, dropped = _drop_head_optimizer_state(new, ckpt, head_name, changes.names(),
                                                   store["arch"])
         notices += dropped
         new["quickfix"] = record
@@ -188,10 +185,41 @@ def stitch(*, checkpoint: Path, head_path: Path, out: Path, overwrite: bool = Fa
     return StitchSummary(out, [c.label() for c in copies], notices)
 
 
-def _reordered_aux(ckpt: Checkpoint, auxiliary: list[str], head: dict, mode: str,
-                   notices: list[str]) -> dict[str, torch.Tensor]:
-    """The auxiliary heads' tensors with rows in the correct order (new row t = old row
-    mapping[t]), or {} when they are kept as they are."""
+@dataclass
+class Changes:
+    """What stage 3 changes in each copy of the model (names without the copy's prefix):
+    tensors replaced by the new head, and tensors whose rows are re-ordered (new row t = old
+    row mapping[t]), each copy's own rows."""
+
+    replace: dict[str, torch.Tensor]
+    reorder: dict[str, torch.Tensor]
+
+    def names(self) -> set[str]:
+        return set(self.replace) | set(self.reorder)
+
+    def tensors(self, sd: Mapping[str, torch.Tensor], copy: Container, checkpoint: Path
+                ) -> dict[str, torch.Tensor]:
+        """The new tensors of one copy, computed from its original tensors `sd`."""
+        out = {}
+        for name, tensor in self.replace.items():
+            key = f"{copy.prefix}{name}"
+            if key not in sd:
+                if name.endswith(".bias"):  # a head without bias keeps none
+                    continue
+                raise CheckpointError(f"{checkpoint}: {copy.label()} has no {key}")
+            out[key] = tensor.to(dtype=sd[key].dtype).clone()
+        for name, mapping in self.reorder.items():
+            key = f"{copy.prefix}{name}"
+            if key not in sd:
+                raise CheckpointError(f"{checkpoint}: {copy.label()} has no {key}")
+            out[key] = sd[key][mapping].clone()
+        return out
+
+
+def _reordered_aux(auxiliary: list[str], state_dict: Mapping[str, torch.Tensor], head: dict,
+                   mode: str, notices: list[str]) -> dict[str, torch.Tensor]:
+    """The auxiliary heads' tensors to re-order, each with stage 2's permutation (new row t =
+    old row mapping[t]), or {} when they are kept as they are."""
     names = ", ".join(auxiliary)
     if mode == "keep":
         notices.append(f"the auxiliary heads {names} were left in the old class order "
@@ -213,9 +241,8 @@ def _reordered_aux(ckpt: Checkpoint, auxiliary: list[str], head: dict, mode: str
     out = {}
     for name in auxiliary:
         for part in ("weight", "bias"):
-            tensor = ckpt.state_dict.get(f"{name}.{part}")
-            if tensor is not None:
-                out[f"{name}.{part}"] = tensor[mapping].clone()
+            if f"{name}.{part}" in state_dict:
+                out[f"{name}.{part}"] = mapping
     notices.append(f"the auxiliary heads {names} were re-ordered with stage 2's permutation")
     return out
 
@@ -304,8 +331,8 @@ def _head_param_indices(ckpt: Checkpoint, head_name: str, changed: set[str], arc
     return {ids[i] for i, n in enumerate(params) if n in changed}
 
 
-def _save_verified(new: Any, out: Path, ckpt: Checkpoint, changes: dict[str, torch.Tensor],
-                   trust: bool, metadata: dict[str, str] | None) -> None:
+def _save_verified(new: Any, out: Path, ckpt: Checkpoint, changes: Changes, trust: bool,
+                   metadata: dict[str, str] | None) -> None:
     """Temp file beside `out`, fsync, reload and verify, os.replace, fsync the folder.
 
     `metadata` is not None for a safetensors output (the input was one)."""
@@ -354,7 +381,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _verify(path: Path, ckpt: Checkpoint, changes: dict[str, torch.Tensor], trust: bool,
+def _verify(path: Path, ckpt: Checkpoint, changes: Changes, trust: bool,
             metadata: dict[str, str] | None) -> None:
     """Reload the written file from disk and compare it with the original as loaded (stitching
     builds new dicts and never mutates it): every tensor but the changed ones bit-identical,
@@ -374,17 +401,22 @@ def _verify(path: Path, ckpt: Checkpoint, changes: dict[str, torch.Tensor], trus
         a, b = _get(original, c.path), _get(written, c.path)
         if set(a) != set(b):
             raise CheckpointError(f"verification failed: the keys of {c.label()} changed")
-        expected = {f"{c.prefix}{name}": t for name, t in changes.items()}
+        expected = changes.tensors(a, c, ckpt.path)
         for key, tensor in a.items():
             other = b[key]
             if other.dtype != tensor.dtype or other.shape != tensor.shape:
                 raise CheckpointError(f"verification failed: {key} changed dtype or shape")
             if key in expected:
-                if not torch.equal(other, expected[key].to(tensor.dtype)):
+                if not _same_bits(other, expected[key]):
                     raise CheckpointError(f"verification failed: {key} is not as stitched")
-            elif not torch.equal(other.reshape(-1).view(torch.uint8),
-                                 tensor.reshape(-1).view(torch.uint8)):
+            elif not _same_bits(other, tensor):
                 raise CheckpointError(f"verification failed: backbone tensor {key} changed")
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit (NaNs included), for tensors of the same dtype and shape."""
+    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8),
+                       b.contiguous().reshape(-1).view(torch.uint8))
 
 
 @torch.inference_mode()

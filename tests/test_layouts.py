@@ -387,9 +387,14 @@ def _aux_checkpoint(tmp_path: Path, arch: str) -> Path:
     torch.manual_seed(0)
     model = torchvision.models.get_model(arch, num_classes=3, aux_logits=True,
                                          init_weights=False)
+    ema = ExponentialMovingAverage(model, decay=0.5)
+    with torch.no_grad():  # an EMA copy whose values differ from the model's
+        for p in ema.parameters():
+            p.add_(0.01)
     ckpt = tmp_path / "run" / "checkpoint_best.pth"
     ckpt.parent.mkdir(exist_ok=True)
-    torch.save({"model": model.state_dict(), "args": argparse.Namespace(model=arch)}, ckpt)
+    torch.save({"model": model.state_dict(), "model_ema": ema.state_dict(),
+                "args": argparse.Namespace(model=arch)}, ckpt)
     return ckpt
 
 
@@ -410,6 +415,10 @@ def test_inception_aux_head_refused_then_permuted(tmp_path, tree, capsys):
     mapping = torch.as_tensor(head["diagnosis"]["mapping"])
     for key in ("AuxLogits.fc.weight", "AuxLogits.fc.bias"):
         assert torch.equal(fixed["model"][key], old["model"][key][mapping])
+        # each copy's own rows: the EMA copy keeps its values, re-ordered
+        ema_key = f"module.{key}"
+        assert torch.equal(fixed["model_ema"][ema_key], old["model_ema"][ema_key][mapping])
+        assert not torch.equal(fixed["model_ema"][ema_key], fixed["model"][key])
     assert torch.equal(fixed["model"]["fc.weight"], head["weight"])
     model = torchvision.models.inception_v3(num_classes=3, aux_logits=True, init_weights=False)
     model.load_state_dict(fixed["model"])
