@@ -198,12 +198,12 @@ def is_safetensors(path: Path) -> bool:
             size = path.stat().st_size
     except OSError:
         return False
-    if path.suffix == ".safetensors":
-        return True
+    named = path.suffix == ".safetensors"
     if len(head) < 9 or head[8:9] != b"{":
-        return False
+        # named so but not a torch file (a zip, or a pickle's 0x80): a damaged safetensors file
+        return named and not (head[:2] == b"PK" or head[:1] == b"\x80")
     (n,) = struct.unpack("<Q", head[:8])
-    return 2 <= n <= size  # a damaged file (n past its end) is still reported as safetensors
+    return named or 2 <= n <= size  # a truncated .safetensors file is still reported as one
 
 
 def load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

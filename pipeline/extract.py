@@ -102,7 +102,7 @@ def prepare_model(ckpt: Checkpoint, arch: str | None, head: str | None = None) -
     sd = ckpt.state_dict
     if arch is None:
         arch = ckpt.arch
-        if (arch is not None and ":" not in arch and arch not in M.torchvision_archs()):
+        if arch is not None and ":" not in arch and arch not in M.torchvision_archs():
             raise ArchitectureError(
                 f"the checkpoint names its architecture {arch!r}, which is not a torchvision "
                 "model; pass --arch NAME, --arch timm:NAME or --arch package.module:function"
