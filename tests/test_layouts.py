@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -511,3 +513,26 @@ def test_verify_data_with_trust_checkpoint(tmp_path, tree, capsys):
                         train=trust, stitch=[*trust, "--verify-data", str(tree)])
     assert rc == 0
     assert_verified(capsys, head)
+
+
+def test_make_fix_keeps_a_lightning_file_name(tmp_path, tree):
+    """Lightning names its files epoch=N-step=M.ckpt: `=` must survive make, and the fixed file
+    keeps the input's name."""
+    root = Path(__file__).resolve().parent.parent
+    model = make_model("resnet18")
+    ckpt = tmp_path / "lightning_logs" / "epoch=3-step=120.ckpt"
+    ckpt.parent.mkdir()
+    torch.save({"epoch": 3, "global_step": 120, "pytorch-lightning_version": "2.6.6",
+                "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "optimizer_states": [], "lr_schedulers": [],
+                "hyper_parameters": {"arch": "resnet18", "num_classes": 3}}, ckpt)
+    proc = subprocess.run(["make", "-C", str(root), "fix", f"PY={sys.executable}",
+                           f"CHECKPOINT={ckpt}", f"DATA={tree}", "EPOCHS=2",
+                           "EXTRACT_FLAGS=--decoder pil --resize 40 --crop 32"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    fixed = ckpt.parent / "fixed" / "epoch=3-step=120.ckpt"
+    head = torch.load(ckpt.parent / "fixed" / "head.pt", weights_only=True)
+    assert torch.equal(torch.load(fixed, weights_only=True)["state_dict"]["model.fc.weight"],
+                       head["weight"])
+    assert f"fixed checkpoint: {fixed}" in proc.stdout
