@@ -522,6 +522,8 @@ def test_make_fix_keeps_a_lightning_file_name(tmp_path, tree):
     model = make_model("resnet18")
     ckpt = tmp_path / "lightning_logs" / "epoch=3-step=120.ckpt"
     ckpt.parent.mkdir()
+    # the keys Trainer.save_checkpoint writes (test_lightning_checkpoint_end_to_end uses the
+    # Trainer itself); what this test is about is the file name
     torch.save({"epoch": 3, "global_step": 120, "pytorch-lightning_version": "2.6.6",
                 "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
                 "optimizer_states": [], "lr_schedulers": [],
