@@ -41,6 +41,7 @@ import train_head  # noqa: E402
 from bench.photos import make_photo_tree  # noqa: E402
 from pipeline import data as D  # noqa: E402
 from pipeline.checkpoint import load_checkpoint  # noqa: E402
+from tests.conftest import trained_bn  # noqa: E402
 
 TORCHVISION = ("resnet50", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny",
                "densenet121", "regnet_y_400mf", "swin_t", "vit_b_16", "shufflenet_v2_x0_5",
@@ -58,12 +59,7 @@ def build(arch: str, classes: int) -> torch.nn.Module:
         kw = {"aux_logits": True, "init_weights": False} if arch in ("googlenet",
                                                                       "inception_v3") else {}
         model = torchvision.models.get_model(arch, weights=None, num_classes=classes, **kw)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    return model.eval()
+    return trained_bn(model)
 
 
 def checkpoint(model: torch.nn.Module, arch: str, wrong: list[str]) -> dict:

@@ -148,6 +148,9 @@ def load_checkpoint(path: Path, *, trust: bool = False, use_ema: bool | None = F
         weights = weights.state_dict()
     lightning = layout == "lightning"
     state_dict, prefix = strip_prefixes(weights, lightning=lightning, path=path)
+    if lightning and prefix:
+        log.info("Lightning checkpoint: the model is the LightningModule's `%s`",
+                 prefix.split(".", 1)[0])
 
     args = _args_dict(raw.get("args")) if source_key is not None else {}
     if lightning:
@@ -339,7 +342,7 @@ def containers(raw: Any, *, lightning: bool = False, path: Path | None = None
 
 def _prefix_and_extra(weights: Mapping, lightning: bool, path: Path | None
                       ) -> tuple[str, tuple[str, ...]]:
-    _, prefix = strip_prefixes(weights, lightning=lightning, path=path)
+    prefix = _prefix(list(weights), lightning, path)
     return prefix, tuple(k for k in weights if not k.startswith(prefix))
 
 
@@ -351,7 +354,13 @@ def strip_prefixes(state_dict: Mapping[str, torch.Tensor], *, lightning: bool = 
     EXTRA_KEYS, after, for a Lightning checkpoint, the LightningModule attribute that holds the
     model (`model.`): the only one, or the first of LIGHTNING_ATTRS present.
     """
-    keys = [k for k in state_dict if k not in EXTRA_KEYS]
+    prefix = _prefix(list(state_dict), lightning, path)
+    return {k[len(prefix):]: v for k, v in state_dict.items()
+            if k not in EXTRA_KEYS and k.startswith(prefix)}, prefix
+
+
+def _prefix(keys: list[str], lightning: bool, path: Path | None) -> str:
+    keys = [k for k in keys if k not in EXTRA_KEYS]
     prefix = _lightning_attr(keys, path) if lightning else ""
     keys = [k for k in keys if k.startswith(prefix)]
     while True:
@@ -360,8 +369,7 @@ def strip_prefixes(state_dict: Mapping[str, torch.Tensor], *, lightning: bool = 
                 prefix += p
                 break
         else:
-            break
-    return {k[len(prefix):]: state_dict[k] for k in keys}, prefix
+            return prefix
 
 
 def _lightning_attr(keys: list[str], path: Path | None) -> str:
@@ -372,8 +380,6 @@ def _lightning_attr(keys: list[str], path: Path | None) -> str:
         return attrs[0] + "."
     for name in LIGHTNING_ATTRS:
         if name in attrs:
-            log.info("Lightning checkpoint: the model is the LightningModule's `%s` (beside %s)",
-                     name, ", ".join(a for a in attrs if a != name))
             return name + "."
     raise CheckpointError(
         f"{path}: the LightningModule holds several sub-modules ({', '.join(attrs[:8])}) and "

@@ -301,7 +301,7 @@ def run_extract(
         "backbone_sha256": model.backbone_sha256,
         "arch": model.arch,
         "head": model.head_name,
-        **({"other_heads": heads_record(model.heads)} if heads_record(model.heads) else {}),
+        **({"other_heads": other} if (other := heads_record(model.heads)) else {}),
         "feature_dim": model.feature_dim,
         "preprocessing": pre.as_dict(),
         "decoder": "pil" if decoder == "pil" else f"dali-{dali_device(dev)}",

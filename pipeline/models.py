@@ -175,6 +175,7 @@ def find_heads(model: nn.Module, head: str | None = None) -> Heads:
     to it, and the auxiliary heads over the same classes."""
     modules = dict(model.named_modules())
     linears = {n: m for n, m in modules.items() if isinstance(m, nn.Linear)}
+    named = _timm_heads(model, modules) if is_timm(model) else []
     tied: tuple[str, ...] = ()
     if head is not None:
         if not isinstance(modules.get(head), nn.Linear):
@@ -183,8 +184,7 @@ def find_heads(model: nn.Module, head: str | None = None) -> Heads:
             raise ArchitectureError(
                 f"--head {head} {what} {type(model).__name__}; its linear layers are "
                 f"{', '.join(list(linears)[-6:]) or 'none'}")
-    elif is_timm(model):
-        named = _timm_heads(model, modules)
+    elif named:
         if not all(isinstance(modules.get(n), nn.Linear) for n in named):
             raise ArchitectureError(
                 f"timm's get_classifier() of {type(model).__name__} is not an nn.Linear "
@@ -193,11 +193,9 @@ def find_heads(model: nn.Module, head: str | None = None) -> Heads:
         head, tied = named[0], tuple(named[1:])
     else:
         head = find_head(model)[0]
-    if is_timm(model) and not tied:
+    if not tied and head in named and len(named) > 1:
         # timm's distilled models average two heads: naming one of them names both
-        named = _timm_heads(model, modules)
-        if head in named and len(named) > 1:
-            tied = tuple(n for n in named if n != head)
+        tied = tuple(n for n in named if n != head)
     out = linears[head].out_features
     for name in tied:
         if linears[name].weight.shape != linears[head].weight.shape:

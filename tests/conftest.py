@@ -92,8 +92,11 @@ def write_bad(path: Path, kind: str, photos) -> None:
 
 def make_model(arch="resnet18", num_classes=3, seed=0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
-    # Give BatchNorm non-trivial statistics, as a trained model has.
+    return trained_bn(torchvision.models.get_model(arch, weights=None, num_classes=num_classes))
+
+
+def trained_bn(model: torch.nn.Module) -> torch.nn.Module:
+    """Give BatchNorm non-trivial statistics, as a trained model has; returns it in eval mode."""
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
