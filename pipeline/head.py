@@ -99,6 +99,151 @@ def evaluate(feats: Features, weight: torch.Tensor, bias: torch.Tensor, *, devic
             for a, b, lo_ in zip(top1.tolist(), top5.tolist(), loss.tolist(), strict=True)]
 
 
+class HeadState:
+    """Every grid point's head and optimizer state on the device, and the training step.
+
+    The head is trained on standardised features x' = (x - mu) / s (SGD converges on them far
+    faster than on raw pooled features) and folded back into a head for raw features at the end:
+    W x' + b = (W / s) x + (b - W mu / s). The objective is the raw head's, as with
+    `torch.optim.SGD(weight_decay=wd)` on the weight of an `nn.Linear` on raw features: mean
+    cross-entropy + wd / 2 * ||W / s||^2 (the bias is not decayed, as in timm and the torchvision
+    references' linear probes). In standardised coordinates that penalty's gradient is
+    wd * W / s^2, so each dimension's step is preconditioned by s^2 / (s^2 + wd): the same
+    minimiser, and stable where a near-constant dimension (s^2 << wd) would otherwise blow up.
+
+    `step` is one graph-capturable unit: fixed shapes (the last batch is padded and masked), the
+    LR schedule read from a device tensor at a device-side step counter, the loss accumulated
+    on the device; nothing in it waits for the host or makes the host wait.
+    """
+
+    def __init__(self, config: TrainConfig, *, num_classes: int, dim: int, steps: int,
+                 mu: torch.Tensor, scale: torch.Tensor, device: torch.device,
+                 init: tuple[torch.Tensor, torch.Tensor] | None = None):
+        grid = config.grid()
+        g, c, d = len(grid), num_classes, dim
+        self.config, self.num_classes, self.mu, self.scale = config, c, mu, scale
+        if init is None:
+            self.weight = torch.zeros(g, c, d, device=device)
+            self.bias = torch.zeros(g, c, device=device)
+        else:
+            w0, b0 = init[0].to(device, torch.float32), init[1].to(device, torch.float32)
+            self.weight = (w0 * scale).expand(g, c, d).clone()
+            self.bias = (b0 + w0 @ mu).expand(g, c).clone()
+        self.buf_w, self.buf_b = torch.zeros_like(self.weight), torch.zeros_like(self.bias)
+        self.lrs = torch.tensor([lr for lr, _ in grid], device=device)
+        wds = torch.tensor([wd for _, wd in grid], device=device)
+        # d = P * (grad + wd * W / s^2) = P * grad + K * W, with P = s^2 / (s^2 + wd) on
+        # standardised features; on raw ones (standardize=False, s = 1) plain SGD: P = 1, K = wd
+        wd = wds[:, None, None]
+        s2 = (scale * scale)[None, None, :]
+        self.decayed = bool((wds > 0).any())
+        self.precond = s2 / (s2 + wd) if config.standardize else torch.ones_like(s2 + wd)
+        self.decay = self.precond * wd / s2
+        warmup = min(int(round(config.warmup_epochs * steps / max(config.epochs, 1))),
+                     steps // 2)
+        self.factors = torch.tensor([lr_factor(i, steps, warmup) for i in range(steps)] or [0.0],
+                                    device=device)
+        self.step_index = torch.zeros(1, dtype=torch.long, device=device)
+        self.running = torch.zeros(g, dtype=torch.float64, device=device)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> None:
+        """One SGD step of every grid point on the batch x [B, D] (raw features), y [B]; rows
+        with mask 0 are padding and count for nothing."""
+        cfg, c = self.config, self.num_classes
+        g, b = self.weight.shape[0], x.shape[0]
+        x = (x.float() - self.mu) / self.scale
+        logp = torch.log_softmax(logits_of(x, self.weight, self.bias), dim=2)  # [G, B, C]
+        eps = cfg.label_smoothing
+        target = torch.full_like(logp, eps / c)
+        target.scatter_(2, y[None, :, None].expand(g, b, 1), 1.0 - eps + eps / c)
+        per_row = -(target * logp).sum(2)  # [G, B]
+        self.running += (per_row * mask).sum(1).double()
+        # dLoss/dlogits of each point's mean loss over the real rows: (softmax - target) / n
+        grad = (logp.exp_() - target) * (mask / mask.sum())[None, :, None]
+        grad_w = (grad.transpose(0, 1).reshape(b, g * c).T @ x).reshape(g, c, -1)
+        grad_b = grad.sum(1)
+        rate = self.lrs * self.factors.index_select(0, self.step_index)
+        # torch.optim.SGD: d = grad + decay; buf = m * buf + d; w -= lr * buf
+        if self.decayed:
+            grad_w.mul_(self.precond).addcmul_(self.decay, self.weight)
+        self.buf_w.mul_(cfg.momentum).add_(grad_w)
+        self.buf_b.mul_(cfg.momentum).add_(grad_b)
+        self.weight.sub_(rate[:, None, None] * self.buf_w)
+        self.bias.sub_(rate[:, None] * self.buf_b)
+        self.step_index += 1
+
+    def raw(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The heads for raw features."""
+        return fold(self.weight, self.bias, self.mu, self.scale)
+
+
+class Batches:
+    """The padded, masked batches of one epoch: (x [B, D], y [B], mask [B]) on the device.
+
+    Resident features are gathered on the device. Host features are streamed: each batch is
+    gathered into one of a few pinned host buffers and copied on a side stream, so the host
+    gathers batch k+1 and the copy engine moves it while the GPU computes batch k; the host only
+    waits for a copy to finish before it reuses that copy's pinned buffer.
+    """
+
+    def __init__(self, train: Features, batch_size: int, device: torch.device, slots: int = 3):
+        self.train, self.batch_size, self.device = train, batch_size, device
+        n = len(train)
+        self.steps = -(-n // batch_size)
+        pad = self.steps * batch_size - n
+        self.mask = torch.cat([torch.ones(n, device=device), torch.zeros(pad, device=device)]
+                              ).reshape(self.steps, batch_size)
+        self.pad = pad
+        self.streamed = train.x.device != device
+        self.cuda = device.type == "cuda"
+        if self.streamed:
+            d, pin = train.x.shape[1], self.cuda
+            self.host = [(torch.empty(batch_size, d, dtype=train.x.dtype, pin_memory=pin),
+                          torch.empty(batch_size, dtype=torch.long, pin_memory=pin))
+                         for _ in range(slots)]
+            self.dev = [(torch.empty(batch_size, d, dtype=train.x.dtype, device=device),
+                         torch.empty(batch_size, dtype=torch.long, device=device))
+                        for _ in range(slots)]
+            if self.cuda:
+                self.copy_stream = torch.cuda.Stream(device)
+                self.copied = [torch.cuda.Event() for _ in range(slots)]
+                self.consumed = [torch.cuda.Event() for _ in range(slots)]
+
+    def epoch(self, perm: torch.Tensor):
+        """Yield the epoch's batches in the order of `perm` (a permutation on the device)."""
+        perm = torch.cat([perm, perm.new_zeros(self.pad)]).reshape(self.steps, self.batch_size)
+        if not self.streamed:
+            for k in range(self.steps):
+                idx = perm[k]
+                yield self.train.x.index_select(0, idx), self.train.y.index_select(0, idx), \
+                    self.mask[k]
+            return
+        perm = perm.cpu()  # one host sync per epoch
+        slots = len(self.host)
+        for k in range(self.steps):
+            s = k % slots
+            hx, hy = self.host[s]
+            dx, dy = self.dev[s]
+            if self.cuda:
+                self.copied[s].synchronize()  # the pinned buffer's last copy has landed
+            torch.index_select(self.train.x, 0, perm[k], out=hx)
+            torch.index_select(self.train.y, 0, perm[k], out=hy)
+            if self.cuda:
+                main = torch.cuda.current_stream(self.device)
+                self.copy_stream.wait_event(self.consumed[s])  # the step that read dx is done
+                with torch.cuda.stream(self.copy_stream):
+                    dx.copy_(hx, non_blocking=True)
+                    dy.copy_(hy, non_blocking=True)
+                    self.copied[s].record(self.copy_stream)
+                main.wait_event(self.copied[s])
+                yield dx, dy, self.mask[k]
+                self.consumed[s].record(main)
+            else:
+                dx.copy_(hx)
+                dy.copy_(hy)
+                yield dx, dy, self.mask[k]
+
+
 def train_heads(
     train: Features,
     config: TrainConfig,
@@ -115,86 +260,48 @@ def train_heads(
     batches, and so the result, are the same.
     """
     grid = config.grid()
-    g, d, c = len(grid), train.x.shape[1], num_classes
-    # Train on standardised features (each dimension zero-mean, unit-variance over train), which
-    # SGD converges on far faster than raw pooled features, and fold the scaling back into the
-    # head at the end: W x' + b with x' = (x - mu) / sigma is (W / sigma) x + (b - W mu / sigma).
-    mu, sigma = feature_stats(train.x, device) if config.standardize else (
+    d = train.x.shape[1]
+    mu, scale = feature_stats(train.x, device) if config.standardize else (
         torch.zeros(d, device=device), torch.ones(d, device=device))
-    if init is None:
-        weight = torch.zeros(g, c, d, device=device)
-        bias = torch.zeros(g, c, device=device)
-    else:
-        w0, b0 = init[0].to(device, torch.float32), init[1].to(device, torch.float32)
-        weight = (w0 * sigma).expand(g, c, d).clone()
-        bias = (b0 + w0 @ mu).expand(g, c).clone()
-    lrs = torch.tensor([lr for lr, _ in grid], device=device)
-    wds = torch.tensor([wd for _, wd in grid], device=device)
-    buf_w, buf_b = torch.zeros_like(weight), torch.zeros_like(bias)
-    n = len(train)
-    steps_per_epoch = -(-n // config.batch_size)
-    total = steps_per_epoch * config.epochs
-    warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), total // 2)
-    eps = config.label_smoothing
+    batches = Batches(train, config.batch_size, device)
+    state = HeadState(config, num_classes=num_classes, dim=d, mu=mu, scale=scale,
+                      steps=batches.steps * config.epochs, device=device, init=init)
     # The permutation is drawn on the training device in both modes, so resident and streamed
     # runs see identical batches.
     gen = torch.Generator(device=device).manual_seed(config.seed)
-    result = TrainResult(weight, bias)
+    result = TrainResult(state.weight, state.bias)
+    n = len(train)
     start = time.perf_counter()
-    step = 0
     for epoch in range(config.epochs):
         t0 = time.perf_counter()
-        perm = torch.randperm(n, generator=gen, device=device)
-        if train.x.device != device:
-            perm_host = perm.cpu()
-        running = torch.zeros(g, device=device, dtype=torch.float64)
-        for lo in range(0, n, config.batch_size):
-            if train.x.device == device:
-                idx = perm[lo:lo + config.batch_size]
-                x, y = train.x[idx], train.y[idx]
-            else:
-                idx = perm_host[lo:lo + config.batch_size]
-                x = train.x[idx].to(device, non_blocking=True)
-                y = train.y[idx].to(device, non_blocking=True)
-            x = (x.float() - mu) / sigma
-            b = x.shape[0]
-            logits = logits_of(x, weight, bias)  # [G, B, C]
-            logp = torch.log_softmax(logits, dim=2)
-            target = torch.full_like(logp, eps / c)
-            target.scatter_(2, y[None, :, None].expand(g, b, 1), 1.0 - eps + eps / c)
-            running += -(target * logp).sum(2).sum(1).double()
-            grad = (logp.exp() - target) / b  # dLoss/dlogits of each point's mean loss
-            grad_w = (grad.transpose(0, 1).reshape(b, g * c).T @ x).reshape(g, c, d)
-            grad_b = grad.sum(1)
-            rate = lrs * lr_factor(step, total, warmup)
-            # torch.optim.SGD semantics: d = grad + wd * w; buf = m * buf + d; w -= lr * buf
-            buf_w.mul_(config.momentum).add_(grad_w + wds[:, None, None] * weight)
-            buf_b.mul_(config.momentum).add_(grad_b)
-            weight.sub_(rate[:, None, None] * buf_w)
-            bias.sub_(rate[:, None] * buf_b)
-            step += 1
-        records = [{"epoch": epoch + 1, "lr": lr, "weight_decay": wd,
-                    "train_loss": float(running[i]) / n} for i, (lr, wd) in enumerate(grid)]
-        raw_w, raw_b = fold(weight, bias, mu, sigma)
+        state.running.zero_()
+        for x, y, mask in batches.epoch(torch.randperm(n, generator=gen, device=device)):
+            state.step(x, y, mask)
+        losses = (state.running / n).tolist()  # the epoch's one read of the training metrics
+        records = [{"epoch": epoch + 1, "lr": lr, "weight_decay": wd, "train_loss": loss}
+                   for (lr, wd), loss in zip(grid, losses, strict=True)]
+        raw_w, raw_b = state.raw()
         for name, feats in (evals or {}).items():
             for rec, m in zip(records, evaluate(feats, raw_w, raw_b, device=device), strict=True):
                 rec.update({f"{name}_{k}": v for k, v in m.items()})
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
         result.epoch_seconds.append(time.perf_counter() - t0)
         result.history += records
         if on_epoch is not None:
             on_epoch(epoch + 1, records)
     result.seconds = time.perf_counter() - start
-    raw_w, raw_b = fold(weight, bias, mu, sigma)
+    raw_w, raw_b = state.raw()
     result.weight, result.bias = raw_w.cpu(), raw_b.cpu()
     return result
 
 
 @torch.no_grad()
-def feature_stats(x: torch.Tensor, device: torch.device, batch: int = 65536
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-dimension mean and std over rows (float64 sums, in batches; std floored at 1e-6)."""
+def feature_stats(x: torch.Tensor, device: torch.device, batch: int = 65536,
+                  rel_floor: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and scale over rows (float64 sums, in batches).
+
+    The scale is the std, floored at `rel_floor` times the median std of the dimensions that
+    vary: a near-constant dimension (a dead channel, float16 rounding noise) is not blown up to
+    unit variance, which would give it a huge weight in the raw head."""
     total = torch.zeros(x.shape[1], dtype=torch.float64, device=device)
     sq = torch.zeros_like(total)
     for lo in range(0, x.shape[0], batch):
@@ -203,8 +310,10 @@ def feature_stats(x: torch.Tensor, device: torch.device, batch: int = 65536
         sq += (part * part).sum(0)
     n = max(x.shape[0], 1)
     mean = total / n
-    var = (sq / n - mean * mean).clamp_min(0)
-    return mean.float(), var.sqrt().clamp_min(1e-6).float()
+    std = (sq / n - mean * mean).clamp_min(0).sqrt()
+    varying = std[std > 0]
+    typical = float(varying.median()) if varying.numel() else 1.0
+    return mean.float(), std.clamp_min(max(rel_floor * typical, 1e-12)).float()
 
 
 def fold(weight: torch.Tensor, bias: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor

@@ -102,7 +102,7 @@ def test_real_image_features_match_logistic_regression(tmp_path, digits, capsys)
     out = tmp_path / "head.pt"
     assert train_head.main(["--features", str(digits["store"]), "--out", str(out),
                             "--epochs", "30", "--lr", "0.01,0.03,0.1",
-                            "--weight-decay", "0.003,0.01,0.03"]) == 0
+                            "--weight-decay", "0,0.0003,0.001,0.003"]) == 0
     head = torch.load(out, weights_only=True)
     xt, yt = split_arrays(digits["store"], "train")
     xv, yv = split_arrays(digits["store"], "val")
@@ -160,6 +160,51 @@ def test_matches_torch_sgd(tmp_path):
             step += 1
     torch.testing.assert_close(ours.weight[0], layer.weight.detach(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ours.bias[0], layer.bias.detach(), rtol=1e-4, atol=1e-5)
+
+
+def _lbfgs_head(x, y, classes, wd, penalty_scale):
+    """The minimiser of mean CE + wd/2 * ||W * penalty_scale||^2 over an nn.Linear on raw x,
+    found by a plain torch loop (full-batch L-BFGS)."""
+    layer = torch.nn.Linear(x.shape[1], classes).double()
+    opt = torch.optim.LBFGS(layer.parameters(), lr=1, max_iter=2000, tolerance_grad=1e-12,
+                            tolerance_change=1e-15, history_size=50,
+                            line_search_fn="strong_wolfe")
+    xd = x.double()
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(layer(xd), y) + 0.5 * wd * (
+            layer.weight * penalty_scale).square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return layer.weight.detach().float(), layer.bias.detach().float()
+
+
+def test_weight_decay_is_the_raw_heads():
+    """Training runs on standardised features, but the weight decay is the raw head's: the head
+    minimises mean CE + wd/2 ||W||^2 on raw features, the objective of
+    torch.optim.SGD(weight_decay=wd) on an nn.Linear's weight (bias not decayed)."""
+    rng = np.random.default_rng(1)
+    y = np.repeat(np.arange(3), 40)
+    x = rng.normal(0, 1, size=(3, 6))[y] + rng.normal(0, 1, size=(y.size, 6))  # overlapping
+    scales = np.array([0.05, 0.2, 1, 3, 10, 30])  # badly scaled dimensions
+    xt = torch.tensor(x * scales + 2, dtype=torch.float32)
+    yt = torch.from_numpy(y.astype(np.int64))
+    wd = 0.01
+    cfg = H.TrainConfig(lrs=[1.0], wds=[wd], epochs=300, batch_size=len(yt), warmup_epochs=0)
+    ours = H.train_heads(H.Features(xt, yt), cfg, num_classes=3, device=torch.device("cpu"))
+    ref_w, ref_b = _lbfgs_head(xt, yt, 3, wd, 1.0)
+    torch.testing.assert_close(ours.weight[0], ref_w, rtol=1e-4, atol=1e-5)
+    # softmax ignores a shift of every bias, and the bias is not decayed: compare the centred
+    centred = ours.bias[0] - ours.bias[0].mean()
+    torch.testing.assert_close(centred, ref_b - ref_b.mean(), rtol=1e-4, atol=1e-4)
+    # the decay of the standardised head (the old meaning) has another minimiser: the test can
+    # tell the two apart
+    _, sigma = H.feature_stats(xt, torch.device("cpu"))
+    other_w, _ = _lbfgs_head(xt, yt, 3, wd, sigma)
+    assert (other_w - ref_w).abs().max() > ref_w.abs().max()
 
 
 def test_standardised_training_folds_back_exactly():
