@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from pipeline.cli import log, run_main, script_parser
+from pipeline.errors import DataError
+from pipeline.files import resolve_device
 from pipeline.stitch import stitch, verify_on_images
 from pipeline.train import load_head
 
@@ -37,26 +37,38 @@ def build_parser() -> argparse.ArgumentParser:
                         "auto re-orders them with stage 2's permutation when the old head was a "
                         "clean permutation of the right one and refuses otherwise; permute "
                         "always applies stage 2's best permutation; keep leaves them as they are")
-    parser.set_defaults(overwrite=False, aux_heads="auto")
+    parser.add_argument("--verify-batch-size", type=int, metavar="N",
+                        help="images per batch of --verify-data")
+    parser.add_argument("--progress-every", type=float, metavar="SECONDS",
+                        help="off a terminal (a SLURM or nohup log), print a --verify-data "
+                        "progress line this often")
+    parser.set_defaults(overwrite=False, aux_heads="auto", verify_batch_size=128,
+                        progress_every=30.0)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     def body(args: argparse.Namespace) -> int:
+        device = None
+        if args.verify_data is not None:  # checked before anything is written
+            device = resolve_device(args.device)
+            if not args.verify_data.is_dir():
+                raise DataError(f"--verify-data {args.verify_data} is not a directory")
+            if args.verify_batch_size < 1:
+                raise DataError(f"--verify-batch-size {args.verify_batch_size}: must be at "
+                                "least 1")
         summary = stitch(checkpoint=args.checkpoint, head_path=args.head, out=args.out,
                          overwrite=args.overwrite, trust_checkpoint=args.trust_checkpoint,
                          aux_heads=args.aux_heads)
         log.info(summary.line())
         if args.verify_data is not None:
             head = load_head(args.head)
-            device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available()
-                                  else "cpu")
-            acc, n = verify_on_images(args.out, args.verify_data, head, device=device,
-                                      trust=args.trust_checkpoint)
-            cached = head["metrics"].get("val_top1")
-            beside = f" (stage 2 on cached features: {cached:.2%})" if cached is not None else ""
-            log.info("verify: the fixed model end to end on %d images of %s: top-1 %.2f%%%s",
-                     n, args.verify_data, 100 * acc, beside)
+            result = verify_on_images(args.out, args.verify_data, head,
+                                      device=device,
+                                      batch_size=args.verify_batch_size,
+                                      trust=args.trust_checkpoint,
+                                      progress_every=args.progress_every)
+            log.info(result.line(args.verify_data, head["metrics"].get("val_top1")))
         return 0
 
     return run_main(body, build_parser(), argv)

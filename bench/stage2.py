@@ -43,10 +43,27 @@ def make_features(n: int, dim: int, classes: int, seed: int = 0, device: str = "
 
 
 def time_epochs(train: H.Features, lrs: list[float], classes: int, device: torch.device,
-                epochs: int) -> tuple[float, H.TrainResult]:
-    cfg = H.TrainConfig(lrs=lrs, wds=[0.0], epochs=epochs + 1, batch_size=256)
-    res = H.train_heads(train, cfg, num_classes=classes, device=device)
+                epochs: int, module=H, wd: float = 0.0) -> tuple[float, H.TrainResult]:
+    cfg = module.TrainConfig(lrs=lrs, wds=[wd], epochs=epochs + 1, batch_size=256)
+    res = module.train_heads(module.Features(train.x, train.y), cfg, num_classes=classes,
+                             device=device)
     return 1000 * float(np.median(res.epoch_seconds[1:])), res
+
+
+def head_at(rev: str):
+    """pipeline/head.py as it was at git revision `rev`, imported as a module of its own."""
+    import importlib.util
+    import subprocess
+
+    text = subprocess.run(["git", "show", f"{rev}:pipeline/head.py"], cwd=ROOT, check=True,
+                          capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / "head_baseline.py"
+    path.write_text(text.replace("from .errors import", "from pipeline.errors import"))
+    spec = importlib.util.spec_from_file_location("head_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["head_baseline"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 
 
 def main() -> int:
@@ -57,6 +74,9 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=3, help="timed epochs (after one warm-up)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--sklearn", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--baseline", metavar="GITREV",
+                    help="also time pipeline/head.py of this git revision, interleaved with "
+                    "the current one in the same run (e.g. --baseline HEAD~1)")
     ap.add_argument("--e2e", action=argparse.BooleanOptionalAction, default=True,
                     help="also time train_head.py end to end on a real Zarr store")
     args = ap.parse_args()
@@ -73,7 +93,22 @@ def main() -> int:
     acc_one = H.evaluate(val, one.weight.to(dev), one.bias.to(dev), device=dev)[0]["top1"]
     acc_grid = max(m["top1"] for m in H.evaluate(val, grid.weight.to(dev), grid.bias.to(dev),
                                                  device=dev))
-    rows = [
+    rows = []
+    if args.baseline:
+        base = head_at(args.baseline)
+        pairs = {"one head": ([0.1], 0.0), "8-point LR grid": (lrs, 0.0),
+                 "8-point LR grid, weight decay 1e-4": (lrs, 1e-4)}
+        for what, (grid_lrs, wd) in pairs.items():
+            ours, theirs = [], []
+            for _ in range(3):  # interleaved, so that machine noise hits both alike
+                theirs.append(time_epochs(train, grid_lrs, args.classes, dev, args.epochs,
+                                          base, wd)[0])
+                ours.append(time_epochs(train, grid_lrs, args.classes, dev, args.epochs,
+                                        H, wd)[0])
+            a, b = float(np.median(theirs)), float(np.median(ours))
+            rows.append((f"{what}, ms/epoch: {args.baseline} -> now", f"{a:.1f} -> {b:.1f}",
+                         f"now/baseline {b / a:.2f} (median of 3 interleaved runs)"))
+    rows += [
         ("one head, ms/epoch", f"{one_ms:.1f}", f"val top-1 {acc_one:.2%} after "
          f"{args.epochs + 1} epochs"),
         ("8-point LR grid, ms/epoch", f"{grid_ms:.1f}", f"{grid_ms / one_ms:.2f}x one head; "

@@ -28,6 +28,7 @@ from . import store as S
 from .checkpoint import LAYOUTS, Checkpoint, backbone_digest, load_checkpoint
 from .cli import package_versions, run_record
 from .errors import ArchitectureError, DataError, StoreError
+from .files import resolve_device
 from .progress import Progress
 
 log = logging.getLogger("quickfix")
@@ -69,14 +70,6 @@ class Model:
     backbone_sha256: str
     heads: M.Heads | None = None
     full: torch.nn.Module | None = None  # the whole model (timm reads its data config)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda was given but no CUDA device is available; use --device cpu")
-    return torch.device(device)
 
 
 def resolve_decoder(decoder: str) -> str:
@@ -161,7 +154,7 @@ def heads_record(heads: M.Heads) -> dict:
     return {k: list(v) for k, v in (("tied", heads.tied), ("auxiliary", heads.auxiliary)) if v}
 
 
-def _forward_context(device: torch.device, precision: str):
+def forward_context(device: torch.device, precision: str):
     if device.type == "cuda" and precision in ("bf16", "fp16"):
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         return torch.autocast("cuda", dtype=dtype)
@@ -197,7 +190,7 @@ class Engine:
         `check` raises if the consumer of the features has failed (so we never wait on it)."""
         start = time.perf_counter()
         x = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-        with _forward_context(self.device, self.precision):
+        with forward_context(self.device, self.precision):
             features = self.model.backbone(x).flatten(1)
         if not self.cuda:
             self.forward_seconds += time.perf_counter() - start

@@ -186,7 +186,8 @@ class Batches:
     waits for a copy to finish before it reuses that copy's pinned buffer.
     """
 
-    def __init__(self, train: Features, batch_size: int, device: torch.device, slots: int = 3):
+    def __init__(self, train: Features, batch_size: int, device: torch.device,
+                 stream: bool | None = None, slots: int = 3):
         self.train, self.batch_size, self.device = train, batch_size, device
         n = len(train)
         self.steps = -(-n // batch_size)
@@ -194,7 +195,7 @@ class Batches:
         self.mask = torch.cat([torch.ones(n, device=device), torch.zeros(pad, device=device)]
                               ).reshape(self.steps, batch_size)
         self.pad = pad
-        self.streamed = train.x.device != device
+        self.streamed = train.x.device != device if stream is None else stream
         self.cuda = device.type == "cuda"
         if self.streamed:
             d, pin = train.x.shape[1], self.cuda
@@ -253,17 +254,18 @@ def train_heads(
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
     evals: dict[str, Features] | None = None,
     on_epoch: Callable[[int, list[dict]], None] | None = None,
+    stream: bool | None = None,
 ) -> TrainResult:
     """Train every (lr, wd) point of `config.grid()` together; returns the stacked heads.
 
-    `train.x` may live on the device (resident) or on the host (streamed batch by batch): the
-    batches, and so the result, are the same.
+    `train.x` may live on the device (resident) or on the host (streamed batch by batch; the
+    default when it is not on `device`): the batches, and so the result, are the same.
     """
     grid = config.grid()
     d = train.x.shape[1]
     mu, scale = feature_stats(train.x, device) if config.standardize else (
         torch.zeros(d, device=device), torch.ones(d, device=device))
-    batches = Batches(train, config.batch_size, device)
+    batches = Batches(train, config.batch_size, device, stream)
     state = HeadState(config, num_classes=num_classes, dim=d, mu=mu, scale=scale,
                       steps=batches.steps * config.epochs, device=device, init=init)
     # The permutation is drawn on the training device in both modes, so resident and streamed

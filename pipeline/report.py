@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from .files import atomic_write
+
 
 def write_jsonl(path: Path, records: Sequence[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w") as f:
-        for rec in records:
-            f.write(json.dumps(rec, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    text = "".join(json.dumps(rec, sort_keys=True) + "\n" for rec in records)
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def plot_curves(path: Path, records: Sequence[dict], chosen: tuple[float, float] | None) -> None:
@@ -38,7 +36,7 @@ def plot_curves(path: Path, records: Sequence[dict], chosen: tuple[float, float]
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, dpi=100, format="png"))
+    finally:
+        plt.close(fig)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -19,9 +20,17 @@ from . import store as S
 from .checkpoint import backbone_digest, load_checkpoint
 from .cli import run_record
 from .errors import DataError, StoreError
+from .files import atomic_write, resolve_device
 from .report import plot_curves, write_jsonl
 
 log = logging.getLogger("quickfix")
+
+# the default grid, calibrated on real-image features (BENCHMARKS.md, "Stage 2 defaults")
+DEFAULT_LR = "0.01,0.03,0.1,0.3"
+DEFAULT_WD = "0,0.001,0.01"
+
+
+OLD_HEAD = "old head (permuted)"
 
 
 @dataclass
@@ -30,7 +39,7 @@ class TrainSummary:
     chosen: dict
     seconds: float
     epochs: int
-    grid_points: int
+    candidates: int
     ms_per_epoch: float
 
     def line(self) -> str:
@@ -38,9 +47,55 @@ class TrainSummary:
         val = (f", val top-1 {c['val_top1']:.2%} top-5 {c['val_top5']:.2%}"
                if "val_top1" in c else "")
         hold = f", holdout top-1 {c['holdout_top1']:.2%}" if "holdout_top1" in c else ""
-        return (f"train_head: lr={c['lr']:g} wd={c['weight_decay']:g} chosen of "
-                f"{self.grid_points}{hold}{val}; {self.epochs} epochs in {self.seconds:.2f} s "
-                f"({self.ms_per_epoch:.1f} ms/epoch) -> {self.out}")
+        return (f"train_head: {describe(c)} chosen of {self.candidates}{hold}{val}; "
+                f"{self.epochs} epochs in {self.seconds:.2f} s ({self.ms_per_epoch:.1f} "
+                f"ms/epoch) -> {self.out}")
+
+
+def describe(record: dict) -> str:
+    """A candidate's name: its grid point, or the permuted old head."""
+    if record.get("candidate") == OLD_HEAD:
+        return f"the {OLD_HEAD}"
+    return f"lr={record['lr']:g} wd={record['weight_decay']:g}"
+
+
+@dataclass
+class Settings:
+    """The validated command line."""
+
+    config: H.TrainConfig
+    device: torch.device
+    holdout_fraction: float
+    init: str
+    stream: bool | None
+
+
+@dataclass
+class Inputs:
+    """What stage 2 reads: the store's usable rows (train without its holdout, and the splits
+    to evaluate on), its identity, and the original head when a checkpoint was given."""
+
+    group: object
+    classes: list[str]
+    components: dict
+    train: H.Features
+    evals: dict[str, H.Features]
+    holdout_rows: int
+    old_head: tuple[torch.Tensor, torch.Tensor] | None
+    resident: bool
+
+
+@dataclass
+class Outcome:
+    weight: torch.Tensor
+    bias: torch.Tensor
+    chosen: dict
+    candidates: list[dict]  # every grid point's final epoch, then the permuted old head
+    history: list[dict]  # one record per (epoch, grid point)
+    init: str
+    diagnosis: H.Diagnosis | None
+    seconds: float = 0.0
+    ms_per_epoch: float = 0.0
 
 
 def load_split(group, split: str, masks: Sequence[np.ndarray | None] = (None,)
@@ -63,8 +118,8 @@ def run_train(
     features: Path,
     out: Path,
     epochs: int = 5,
-    lr: str = "0.01,0.03,0.1,0.3",
-    weight_decay: str = "0,0.001,0.01",
+    lr: str = DEFAULT_LR,
+    weight_decay: str = DEFAULT_WD,
     batch_size: int = 256,
     label_smoothing: float = 0.0,
     warmup_epochs: float = 1.0,
@@ -77,7 +132,23 @@ def run_train(
     trust_checkpoint: bool = False,
     argv: Sequence[str] | None = None,
 ) -> TrainSummary:
-    # --- validate every input before any work ------------------------------------------------
+    """validate -> load -> fit (diagnose, train the grid, choose) -> write."""
+    settings = validate(epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
+                        label_smoothing=label_smoothing, warmup_epochs=warmup_epochs,
+                        device=device, seed=seed, holdout_fraction=holdout_fraction,
+                        checkpoint=checkpoint, init=init, stream=stream)
+    inputs = load(features, checkpoint, settings, trust_checkpoint)
+    outcome = fit(inputs, settings)
+    write(out, features, checkpoint, inputs, settings, outcome, argv)
+    return TrainSummary(out, outcome.chosen, outcome.seconds, epochs, len(outcome.candidates),
+                        outcome.ms_per_epoch)
+
+
+def validate(*, epochs: int, lr: str, weight_decay: str, batch_size: int,
+             label_smoothing: float, warmup_epochs: float, device: str, seed: int,
+             holdout_fraction: float, checkpoint: Path | None, init: str,
+             stream: bool | None) -> Settings:
+    """Every value checked, before anything is read."""
     lrs = H.parse_grid(lr, "lr", allow_zero=False)
     wds = H.parse_grid(weight_decay, "weight-decay", allow_zero=True)
     if epochs < 0:
@@ -88,23 +159,29 @@ def run_train(
         raise DataError(f"--holdout-fraction {holdout_fraction}: must be in [0, 1)")
     if not 0 <= label_smoothing < 1:
         raise DataError(f"--label-smoothing {label_smoothing}: must be in [0, 1)")
-    grid_size = len(lrs) * len(wds)
-    if grid_size > 1 and holdout_fraction == 0 and epochs > 0:
+    if not (math.isfinite(warmup_epochs) and warmup_epochs >= 0):
+        raise DataError(f"--warmup-epochs {warmup_epochs}: must be 0 or more")
+    if len(lrs) * len(wds) > 1 and holdout_fraction == 0 and epochs > 0:
         raise DataError("a grid of several LR/WD values is chosen on a holdout: "
                         "give --holdout-fraction > 0, or a single --lr and --weight-decay")
-    if init in ("old-head",) and checkpoint is None:
+    if init == "old-head" and checkpoint is None:
         raise DataError("--init old-head needs --checkpoint (the original model)")
     if epochs == 0 and (init == "zeros" or checkpoint is None):
         raise DataError("--epochs 0 trains nothing: it needs --checkpoint and --init auto or "
                         "old-head, so that the permuted old head is the fix")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda was given but no CUDA device is available")
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       device if device != "auto" else "cpu")
+    dev = resolve_device(device)
     if dev.type == "cuda":
         # cuBLAS needs this for bit-identical reruns (set before its first use)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    config = H.TrainConfig(lrs=lrs, wds=wds, epochs=epochs, batch_size=batch_size,
+                           label_smoothing=label_smoothing, warmup_epochs=warmup_epochs,
+                           seed=seed)
+    return Settings(config, dev, holdout_fraction, init, stream)
 
+
+def load(features: Path, checkpoint: Path | None, settings: Settings, trust: bool) -> Inputs:
+    """The store checked complete and usable, its rows split into train and holdout and placed
+    on the device (or left on the host to stream), and the original head."""
     group = S.open_store(features)
     splits = group.attrs["splits"]
     if "train" not in splits:
@@ -113,7 +190,7 @@ def run_train(
         S.verify_complete(group, split)
     classes = list(group.attrs["classes"])
     components = group.attrs["fingerprint"]["components"]
-    num_classes, dim = len(classes), int(components["feature_dim"])
+    dim = int(components["feature_dim"])
 
     labels_all = group["train"]["labels"][:]
     ok_all = group["train"]["ok"][:].astype(bool)
@@ -123,15 +200,13 @@ def run_train(
     if present.size < 2:
         raise DataError(f"the train split of {features} holds only one class "
                         f"({classes[int(present[0])]}); a classifier needs at least two")
-    holdout_mask = H.holdout_split(np.where(ok_all, labels_all, -1), holdout_fraction, seed)
-    holdout_mask &= ok_all
-
+    holdout_mask = H.holdout_split(np.where(ok_all, labels_all, -1), settings.holdout_fraction,
+                                   settings.config.seed) & ok_all
     old_head = None
     if checkpoint is not None:
         old_head = _old_head(checkpoint, components, classes, dim, group.attrs.get("checkpoint"),
-                             trust_checkpoint)
+                             trust)
 
-    # --- load features ----------------------------------------------------------------------
     train, holdout = load_split(group, "train", (~holdout_mask, holdout_mask))
     evals: dict[str, H.Features] = {}
     if len(holdout):
@@ -140,100 +215,123 @@ def run_train(
         (val,) = load_split(group, "val")
         if len(val):
             evals["val"] = val
-    resident = _fits(train, dev) if stream is None else not stream
+    dev = settings.device
+    resident = _fits([train, *evals.values()], dev) if settings.stream is None \
+        else not settings.stream
     if resident:
         train = H.Features(train.x.to(dev), train.y.to(dev))
-    elif dev.type == "cuda":
-        train = H.Features(train.x.pin_memory(), train.y.pin_memory())
+        evals = {k: H.Features(v.x.to(dev), v.y.to(dev)) for k, v in evals.items()}
+    # streamed: the rows stay where they are; each batch is gathered into a pinned buffer
     log.info("train: %d rows (%s), holdout %d, val %d; %d classes, %d-d features on %s",
              len(train), "resident" if resident else "streamed", int(holdout_mask.sum()),
-             len(evals["val"]) if "val" in evals else 0, num_classes, dim, dev)
+             len(evals["val"]) if "val" in evals else 0, len(classes), dim, dev)
+    return Inputs(group, classes, components, train, evals, int(holdout_mask.sum()), old_head,
+                  resident)
 
-    # --- diagnosis and initialisation --------------------------------------------------------
-    diagnosis = None
-    init_tensors = None
-    if old_head is not None:
-        diagnosis = H.diagnose(train, *old_head, device=dev)  # holdout rows stay unseen
+
+def fit(inputs: Inputs, settings: Settings) -> Outcome:
+    """Diagnose the old head, train the grid, and choose among the grid's final points and the
+    permuted old head (epoch 0) on the holdout."""
+    config, dev, evals = settings.config, settings.device, inputs.evals
+    diagnosis, permuted, init_tensors = None, None, None
+    if inputs.old_head is not None:
+        diagnosis = H.diagnose(inputs.train, *inputs.old_head, device=dev)  # holdout unseen
         log.info(diagnosis.line())
-        permuted = (old_head[0][diagnosis.mapping], old_head[1][diagnosis.mapping])
-        if init == "old-head" or (init == "auto" and diagnosis.is_permutation):
+        permuted = (inputs.old_head[0][diagnosis.mapping],
+                    inputs.old_head[1][diagnosis.mapping])
+        if settings.init == "old-head" or (settings.init == "auto" and diagnosis.is_permutation):
             init_tensors = permuted
             log.info("starting from the old head with its rows permuted")
-        elif init == "auto":
+        elif settings.init == "auto" and config.epochs > 0:
             log.info("starting from zeros (the old head is not a clean permutation)")
-    if epochs == 0 and init_tensors is None:
+    if config.epochs == 0 and init_tensors is None:
         raise DataError("--epochs 0: the old head is not a permutation of the right one, so "
                         "there is nothing to reuse; train with --epochs N")
 
-    # --- train --------------------------------------------------------------------------------
-    config = H.TrainConfig(lrs=lrs, wds=wds, epochs=epochs, batch_size=batch_size,
-                           label_smoothing=label_smoothing, warmup_epochs=warmup_epochs,
-                           seed=seed)
-    torch.manual_seed(seed)
+    candidates: list[dict] = []
+    heads: list[tuple[torch.Tensor, torch.Tensor]] = []
+    history: list[dict] = []
+    result = None
+    if config.epochs > 0:
+        torch.manual_seed(config.seed)
 
-    def progress(epoch: int, records: list[dict]) -> None:
-        best = records[H.choose(records, "holdout")] if "holdout" in evals else records[0]
-        key = "holdout" if "holdout" in evals else "val" if "val" in evals else None
-        extra = f", best {key} top-1 {best[f'{key}_top1']:.2%}" if key else ""
-        log.info("epoch %d/%d: train loss %.4f%s", epoch, epochs, best["train_loss"], extra)
+        def progress(epoch: int, records: list[dict]) -> None:
+            key = "holdout" if "holdout" in evals else "val" if "val" in evals else None
+            best = records[H.choose(records, key)] if key else records[0]
+            extra = f", best {key} top-1 {best[f'{key}_top1']:.2%}" if key else ""
+            log.info("epoch %d/%d: train loss %.4f%s", epoch, config.epochs, best["train_loss"],
+                     extra)
 
-    if epochs > 0:
-        result = H.train_heads(train, config, num_classes=num_classes, device=dev,
-                               init=init_tensors, evals=evals, on_epoch=progress)
-        final = result.history[-grid_size:]
-    else:
-        weight = init_tensors[0][None].expand(grid_size, -1, -1).float().clone()
-        bias = init_tensors[1][None].expand(grid_size, -1).float().clone()
-        result = H.TrainResult(weight, bias)
-        final = [{"epoch": 0, "lr": lr_, "weight_decay": wd_} for lr_, wd_ in config.grid()]
+        result = H.train_heads(inputs.train, config, num_classes=len(inputs.classes),
+                               device=dev, init=init_tensors, evals=evals, on_epoch=progress,
+                               stream=not inputs.resident)
+        history = result.history
+        candidates = [{**rec, "candidate": "grid"} for rec in history[-len(config.grid()):]]
+        heads = list(zip(result.weight, result.bias, strict=True))
+    if permuted is not None:
+        old = {"candidate": OLD_HEAD, "epoch": 0, "lr": None, "weight_decay": None}
+        w, b = permuted[0][None].float(), permuted[1][None].float()
         for name, feats in evals.items():
-            for rec, m in zip(final, H.evaluate(feats, weight.to(dev), bias.to(dev), device=dev),
-                              strict=True):
-                rec.update({f"{name}_{k}": v for k, v in m.items()})
-        result.history = final
-    best = H.choose(final, "holdout") if "holdout" in evals else 0
-    chosen = final[best]
-    for rec in final:
-        log.info("  lr=%-8g wd=%-8g %s", rec["lr"], rec["weight_decay"], "  ".join(
+            (m,) = H.evaluate(feats, w.to(dev), b.to(dev), device=dev)
+            old.update({f"{name}_{k}": v for k, v in m.items()})
+        candidates.append(old)
+        heads.append((w[0], b[0]))
+    # Chosen on the holdout; without one (a single grid point, by validation) the trained head
+    # unless there is none.
+    best = H.choose(candidates, "holdout") if "holdout" in evals else 0
+    chosen = candidates[best]
+    for rec in candidates:
+        log.info("  %-24s %s", describe(rec).removeprefix("the "), "  ".join(
             f"{k} {rec[k]:.2%}" for k in ("holdout_top1", "val_top1", "val_top5") if k in rec)
             + ("   <- chosen" if rec is chosen else ""))
+    outcome = Outcome(heads[best][0].clone(), heads[best][1].clone(), chosen, candidates,
+                      history, "old-head (permuted)" if init_tensors is not None else "zeros",
+                      diagnosis)
+    if result is not None:
+        outcome.seconds = result.seconds
+        outcome.ms_per_epoch = 1000 * float(np.median(result.epoch_seconds))
+    return outcome
 
-    # --- outputs ------------------------------------------------------------------------------
-    out.parent.mkdir(parents=True, exist_ok=True)
+
+def write(out: Path, features: Path, checkpoint: Path | None, inputs: Inputs,
+          settings: Settings, outcome: Outcome, argv: Sequence[str] | None) -> None:
+    """head.pt, then the metrics and the curves beside it, each written atomically."""
+    components, group = inputs.components, inputs.group
     payload = {
-        "weight": result.weight[best].clone(),
-        "bias": result.bias[best].clone(),
-        "classes": classes,
+        "weight": outcome.weight,
+        "bias": outcome.bias,
+        "classes": inputs.classes,
         "store": {"path": str(features.resolve()),
                   "fingerprint": group.attrs["fingerprint"]["digest"],
                   "backbone_sha256": components["backbone_sha256"],
                   "arch": components["arch"], "head": components["head"],
                   "other_heads": components.get("other_heads", {}),
                   "ema": bool(group.attrs.get("checkpoint", {}).get("ema", False)),
-                  "feature_dim": dim},
-        "config": {**asdict(config), "init": "old-head (permuted)" if init_tensors is not None
-                   else "zeros", "resident": resident, "device": dev.type,
-                   "holdout_fraction": holdout_fraction},
-        "metrics": chosen,
-        "grid": final,
-        "diagnosis": diagnosis.as_dict() if diagnosis else None,
+                  "feature_dim": int(components["feature_dim"])},
+        "config": {**asdict(settings.config), "init": outcome.init,
+                   "resident": inputs.resident, "device": settings.device.type,
+                   "holdout_fraction": settings.holdout_fraction},
+        "metrics": outcome.chosen,
+        "grid": outcome.candidates,
+        "diagnosis": outcome.diagnosis.as_dict() if outcome.diagnosis else None,
         "record": run_record(argv, {"features": str(features), "out": str(out),
                                     "checkpoint": str(checkpoint) if checkpoint else None}),
     }
-    _save_atomic(payload, out)
-    write_jsonl(out.with_suffix(".metrics.jsonl"), result.history)
-    if result.history and epochs > 0:
-        plot_curves(out.with_suffix(".curves.png"), result.history,
-                    (chosen["lr"], chosen["weight_decay"]))
-    ms = 1000 * float(np.median(result.epoch_seconds)) if result.epoch_seconds else 0.0
-    return TrainSummary(out, chosen, result.seconds, epochs, grid_size, ms)
+    atomic_write(out, lambda f: torch.save(payload, f))
+    old = [c for c in outcome.candidates if c["candidate"] == OLD_HEAD]
+    write_jsonl(out.with_suffix(".metrics.jsonl"), outcome.history + old)
+    if outcome.history:
+        chosen = outcome.chosen
+        plot_curves(out.with_suffix(".curves.png"), outcome.history,
+                    None if chosen["candidate"] == OLD_HEAD
+                    else (chosen["lr"], chosen["weight_decay"]))
 
 
-def _fits(train: H.Features, device: torch.device) -> bool:
+def _fits(parts: Sequence[H.Features], device: torch.device) -> bool:
     if device.type != "cuda":
         return True
     free, _ = torch.cuda.mem_get_info(device)
-    need = train.x.numel() * train.x.element_size() + train.y.numel() * 8
+    need = sum(p.x.numel() * p.x.element_size() + p.y.numel() * 8 for p in parts)
     return need < 0.7 * free
 
 
@@ -261,15 +359,6 @@ def _old_head(path: Path, components: dict, classes: list[str], dim: int, stored
     if bias is None:
         bias = torch.zeros(len(classes))
     return weight.detach().float(), bias.detach().float()
-
-
-def _save_atomic(payload: dict, out: Path) -> None:
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
 
 
 def load_head(path: Path) -> dict:

@@ -58,7 +58,8 @@ def script_checkpoint(model, arch: str, prefix: str = "module.") -> dict:
     }
 
 
-def run_stages(tmp_path: Path, tree: Path, arch: str = "resnet18", epochs: str = "5"):
+def run_stages(tmp_path: Path, tree: Path, arch: str = "resnet18", epochs: str = "5",
+               decoder: str = "pil"):
     model = make_model(arch, num_classes=3)
     ckpt = tmp_path / "run" / "checkpoint_best.pth"
     ckpt.parent.mkdir()
@@ -68,7 +69,7 @@ def run_stages(tmp_path: Path, tree: Path, arch: str = "resnet18", epochs: str =
     store, head = tmp_path / "f.zarr", tmp_path / "head.pt"
     assert extract_features.main(["--checkpoint", str(ckpt), "--data-root", str(tree),
                                   "--class-order", str(order), "--out", str(store),
-                                  "--decoder", "pil", "--float32", "--chunk-rows", "8"]) == 0
+                                  "--decoder", decoder, "--float32", "--chunk-rows", "8"]) == 0
     assert train_head.main(["--features", str(store), "--checkpoint", str(ckpt), "--out",
                             str(head), "--epochs", epochs, "--lr", "0.1", "--weight-decay", "0",
                             "--holdout-fraction", "0", "--init", "zeros"]) == 0
@@ -182,6 +183,45 @@ def test_sigkill_during_save_never_harms(tmp_path, tree):
     # a later run clears what killed runs left and succeeds
     subprocess.run(cmd, env=env, check=True, capture_output=True)
     assert not list(out.parent.glob(".checkpoint_best.pth.tmp-*"))
+
+
+def test_verify_data_decodes_as_stage1_did_in_batches_with_progress(tmp_path, tree, capsys):
+    """A store made with DALI is verified through DALI (here its CPU decoder), batched, with
+    progress lines off a terminal, and finds stage 2's top-1 on the cached features."""
+    _, ckpt, _, head_path = run_stages(tmp_path, tree, decoder="dali")
+    out = tmp_path / "fixed.pth"
+    capsys.readouterr()
+    assert stitch_checkpoint.main(["--checkpoint", str(ckpt), "--head", str(head_path), "--out",
+                                   str(out), "--verify-data", str(tree), "--device", "cpu",
+                                   "--verify-batch-size", "4", "--progress-every", "0"]) == 0
+    err = capsys.readouterr().err
+    line = [ln for ln in err.splitlines() if ln.startswith("verify: the fixed")][0]
+    assert "dali decoder" in line and "img/s" in line
+    head = torch.load(head_path, weights_only=True)
+    e2e = float(line.split("top-1 ")[1].split("%")[0])
+    assert abs(e2e - 100 * head["metrics"]["val_top1"]) <= 0.1, line
+    n = len(list((tree / "val").rglob("*.*")))
+    progress = [ln for ln in err.splitlines() if ln.startswith("verify: ") and "img/s, ETA" in ln]
+    assert progress and progress[-1].startswith(f"verify: {n:,}/{n:,} images")
+
+
+def test_verify_data_refusals_come_before_any_write(tmp_path, tree, capsys):
+    _, ckpt, _, head_path = run_stages(tmp_path, tree, epochs="1")
+    out = tmp_path / "fixed.pth"
+    for flags, match in ((["--verify-data", str(tmp_path / "nowhere")], "is not a directory"),
+                         (["--verify-data", str(tree), "--verify-batch-size", "0"],
+                          "must be at least 1")):
+        capsys.readouterr()
+        assert stitch_checkpoint.main(["--checkpoint", str(ckpt), "--head", str(head_path),
+                                       "--out", str(out), *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and match in err[0]
+        assert not out.exists()
+    if not torch.cuda.is_available():
+        assert stitch_checkpoint.main(["--checkpoint", str(ckpt), "--head", str(head_path),
+                                       "--out", str(out), "--verify-data", str(tree),
+                                       "--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err and not out.exists()
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])

@@ -276,6 +276,42 @@ def test_init_auto_warm_starts_training(tmp_path, digits, permuted):
     assert head["metrics"]["val_top1"] >= head_accuracy(permuted["w"], permuted["b"], xv, yv) - 0.02
 
 
+def test_permuted_old_head_is_a_candidate_and_wins_when_best(tmp_path, digits, permuted,
+                                                             capsys):
+    """One epoch from zeros at a tiny LR cannot beat the permuted right head: it is chosen."""
+    out = tmp_path / "head.pt"
+    assert train_head.main(["--features", str(digits["store"]), "--checkpoint",
+                            str(permuted["ckpt"]), "--out", str(out), "--epochs", "1",
+                            "--init", "zeros", "--lr", "0.0001,0.0003",
+                            "--weight-decay", "0"]) == 0
+    err = capsys.readouterr().err
+    head = torch.load(out, weights_only=True)
+    assert [c["candidate"] for c in head["grid"]] == ["grid", "grid", "old head (permuted)"]
+    old = head["grid"][-1]
+    assert old["epoch"] == 0 and {"holdout_top1", "val_top1", "val_top5"} <= set(old)
+    assert head["metrics"] == old
+    assert old["holdout_top1"] > max(c["holdout_top1"] for c in head["grid"][:2])
+    assert torch.equal(head["weight"], permuted["w"]) and torch.equal(head["bias"],
+                                                                      permuted["b"])
+    assert "the old head (permuted) chosen of 3" in err
+    assert "old head (permuted)" in err.split("epoch 1/1")[1]  # in the table of candidates
+    jsonl = (tmp_path / "head.metrics.jsonl").read_text().splitlines()
+    assert len(jsonl) == 3 and '"old head (permuted)"' in jsonl[-1]
+
+
+def test_trained_head_wins_over_a_bad_old_head(tmp_path, digits, capsys):
+    """The old head of an untrained model is a candidate too, and loses to training."""
+    out = tmp_path / "head.pt"
+    assert train_head.main(["--features", str(digits["store"]), "--checkpoint",
+                            str(digits["ckpt"]), "--out", str(out), "--epochs", "3",
+                            "--lr", "0.1", "--weight-decay", "0"]) == 0
+    head = torch.load(out, weights_only=True)
+    assert head["grid"][-1]["candidate"] == "old head (permuted)"
+    assert head["metrics"]["candidate"] == "grid"
+    assert head["metrics"]["holdout_top1"] > head["grid"][-1]["holdout_top1"]
+    assert "lr=0.1 wd=0 chosen of 2" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------
 # determinism and streaming
 

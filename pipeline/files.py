@@ -1,0 +1,96 @@
+"""Writing outputs so that nothing is ever half-written, and choosing the device.
+
+`atomic_write` is the one place that writes a file: a temp file beside the target, fsync,
+an optional check of the written file, `os.replace`, fsync of the folder. A reader sees the old
+file or the new one, never a part; a kill leaves at most a temp file, which the next write to
+the same target removes (when its writer is gone). A full disk, a quota or a read-only folder
+is one line naming the file, not a traceback.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from .errors import DataError, QuickFixError
+
+
+class WriteError(QuickFixError):
+    """An output could not be written (full disk, quota, permissions)."""
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None], *,
+                 check: Callable[[Path], None] | None = None, what: str = "") -> None:
+    """Write `path` with `write(file)`; `check(temp_path)` may raise to keep the old file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(path)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        try:
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        except (OSError, RuntimeError) as exc:  # torch.save reports ENOSPC as RuntimeError
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise WriteError(f"cannot write {path}: {first}{what}") from exc
+        if check is not None:
+            check(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_stale(path: Path) -> None:
+    """Temp files of `path` left by writers that were killed (their process is gone)."""
+    for stale in glob.glob(glob.escape(str(path.parent / f".{path.name}.tmp-")) + "*"):
+        pid = stale.rsplit("-", 1)[-1]
+        if not (pid.isdigit() and _alive(int(pid))):
+            Path(stale).unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def resolve_device(name: str) -> torch.device:
+    """--device auto|cpu|cuda as a torch.device; under torchrun, the GPU of this LOCAL_RANK.
+
+    `cuda` without a usable GPU is refused (never a silent fall-back to the CPU)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if name != "cuda":
+        raise DataError(f"--device {name}: expected auto, cpu or cuda")
+    if not torch.cuda.is_available():
+        raise DataError("--device cuda was given but no CUDA device is available; "
+                        "use --device cpu")
+    local = os.environ.get("LOCAL_RANK", "0")
+    index = int(local) if local.isdigit() else 0
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise DataError(f"LOCAL_RANK={index} but this machine has {count} CUDA device(s): "
+                        "start at most that many processes per node")
+    return torch.device("cuda", index)
