@@ -104,22 +104,12 @@ def prepare_model(ckpt: Checkpoint, arch: str | None, head: str | None = None) -
             log.info("architecture from the checkpoint: %s", arch)
     if arch is None:
         arch = M.infer_arch(sd)
-    if head is not None:
-        weight = sd.get(f"{head}.weight")
-        if weight is None or weight.ndim != 2:
-            layers = [k.removesuffix(".weight") for k, v in sd.items()
-                      if k.endswith(".weight") and v.ndim == 2]
-            raise ArchitectureError(f"--head {head}: the checkpoint has no 2-d {head}.weight; "
-                                    f"its linear layers are {', '.join(layers[-8:]) or 'none'}")
-        num_classes = int(weight.shape[0])
-    else:
-        # The head is the last 2-d weight in registration order; its rows are the classes.
-        # (With none, the last weight: a convolutional head, which find_heads explains.)
-        head_keys = [k for k, v in sd.items() if k.endswith(".weight") and v.ndim == 2]
-        head_keys = head_keys or [k for k in sd if k.endswith(".weight")]
-        if not head_keys:
-            raise ArchitectureError(f"the checkpoint {ckpt.path} has no layer weights")
-        num_classes = int(sd[head_keys[-1]].shape[0])
+    if head is not None and getattr(sd.get(f"{head}.weight"), "ndim", 0) != 2:
+        layers = [k.removesuffix(".weight") for k, v in sd.items()
+                  if k.endswith(".weight") and v.ndim == 2]
+        raise ArchitectureError(f"--head {head}: the checkpoint has no 2-d {head}.weight; "
+                                f"its linear layers are {', '.join(layers[-8:]) or 'none'}")
+    _, num_classes = M.find_head_of(arch, sd, head)
     model = M.build_model(arch, num_classes, sd)
     M.load_weights(model, sd, arch)
     heads = M.find_heads(model, head)

@@ -147,30 +147,35 @@ def _build_custom(spec: str, num_classes: int) -> nn.Module:
     return model
 
 
-def find_head(model: nn.Module) -> tuple[str, nn.Linear]:
-    """The final nn.Linear, by registration order (aux heads of Inception come earlier)."""
+def find_head(model: nn.Module, state_dict: Mapping | None = None) -> tuple[str, nn.Linear]:
+    """The final nn.Linear, by registration order (aux heads of Inception come earlier).
+
+    `state_dict` (the checkpoint's) only makes the error about a convolutional head exact."""
     last: tuple[str, nn.Linear] | None = None
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
             last = (name, module)
     if last is None:
         raise ArchitectureError(f"{type(model).__name__} has no nn.Linear layer to use as the "
-                                f"classification head{_conv_head_reason(model)}")
+                                f"classification head{_conv_head_reason(model, state_dict)}")
     return last
 
 
-def _conv_head_reason(model: nn.Module) -> str:
+def _conv_head_reason(model: nn.Module, state_dict: Mapping | None) -> str:
     convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     if convs and convs[-1][1].kernel_size == (1, 1):
         name, conv = convs[-1]
-        return (f": its classifier is a 1x1 convolution ({name}, {conv.out_channels} outputs) "
+        weight = (state_dict or {}).get(f"{name}.weight")
+        out = conv.out_channels if weight is None else int(weight.shape[0])
+        return (f": its classifier is a 1x1 convolution ({name}, {out} outputs) "
                 "applied before the pooling (and, in SqueezeNet, a ReLU), so its logits are not "
                 "a linear function of pooled features and it cannot be retrained from a "
                 "feature cache; fine-tune that layer on images instead")
     return ""
 
 
-def find_heads(model: nn.Module, head: str | None = None) -> Heads:
+def find_heads(model: nn.Module, head: str | None = None, state_dict: Mapping | None = None
+               ) -> Heads:
     """The head (--head NAME, timm's get_classifier(), else the last nn.Linear), the heads tied
     to it, and the auxiliary heads over the same classes."""
     modules = dict(model.named_modules())
@@ -192,7 +197,7 @@ def find_heads(model: nn.Module, head: str | None = None) -> Heads:
                 "head with --head")
         head, tied = named[0], tuple(named[1:])
     else:
-        head = find_head(model)[0]
+        head = find_head(model, state_dict)[0]
     if not tied and head in named and len(named) > 1:
         # timm's distilled models average two heads: naming one of them names both
         tied = tuple(n for n in named if n != head)
@@ -204,6 +209,22 @@ def find_heads(model: nn.Module, head: str | None = None) -> Heads:
     auxiliary = tuple(n for n, m in linears.items()
                       if m.out_features == out and n != head and n not in tied)
     return Heads(head, tied, auxiliary)
+
+
+def find_head_of(arch: str, state_dict: Mapping[str, torch.Tensor], head: str | None = None
+                 ) -> tuple[str, int]:
+    """The head's name and number of classes for a checkpoint of `arch`, found by the one head
+    finder (`find_heads`) on the architecture built without weights (on the meta device where
+    it can be), before the real model is built with that many classes."""
+    try:
+        with torch.device("meta"):
+            probe = build_model(arch, 1000, state_dict)
+    except ArchitectureError:
+        raise
+    except Exception:  # a factory that cannot build on the meta device
+        probe = build_model(arch, 1000, state_dict)
+    name = find_heads(probe, head, state_dict).head
+    return name, head_out_features(state_dict, name)
 
 
 @torch.no_grad()
@@ -313,9 +334,11 @@ def head_out_features(state_dict: Mapping[str, torch.Tensor], head_name: str) ->
 
 def _signature(model: nn.Module) -> dict[str, tuple[int, ...]]:
     """Every key's shape, but the head's (its number of classes is free)."""
-    layers = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    layers = layers or [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    head_name = layers[-1] if layers else ""
+    try:
+        head_name = find_heads(model).head
+    except ArchitectureError:  # a convolutional head (SqueezeNet): its last convolution
+        convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+        head_name = convs[-1] if convs else ""
     head_keys = (f"{head_name}.weight", f"{head_name}.bias")
     return {k: (() if k in head_keys else tuple(v.shape)) for k, v in model.state_dict().items()}
 
