@@ -154,18 +154,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(data: Path, buggy: Path, fixed: Path, reference: Path, head_path: Path) -> None:
     """Val top-1 end to end on the images (full model, torchvision path), correct labels."""
+    from .files import resolve_device
     from .stitch import verify_on_images
     from .train import load_head
 
     head = load_head(head_path)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device("auto")
     rows = [(f"buggy model ({buggy})", buggy), (f"fixed model ({fixed})", fixed),
             (f"reference, trained with the correct order ({reference})", reference)]
     print("\nval top-1, end to end on the val images, against the correct labels:",
           file=sys.stderr)
     for name, path in rows:
-        acc, n = verify_on_images(path, data, head, device=device)
-        print(f"  {acc:6.1%}  {name}", file=sys.stderr)
+        result = verify_on_images(path, data, head, device=device)
+        print(f"  {result.top1:6.1%}  {name}", file=sys.stderr)
     diag = head["diagnosis"]
     print(f"(the old head was a permutation of the right one: {diag['is_permutation']}, "
           f"{diag['classes_moved']} classes moved)", file=sys.stderr)
