@@ -1,7 +1,7 @@
 # Quick Fix Labels. `make demo` sets up and runs the bundled demo; `make test` runs the tests.
 #
 #   make fix CHECKPOINT=runs/checkpoint_best.pth DATA=/data/imagenet \
-#            [CLASS_ORDER=imagenet_class_index.json] [EPOCHS=5] [LR=0.01,0.03,0.1,0.3] [WD=...]
+#            [CLASS_ORDER=imagenet_class_index.json] [EPOCHS=5] [LR=0.03,0.1,0.3,1] [WD=0,0.0001]
 #
 # runs the three stages and reruns only what is stale: a new LR reruns stages 2 and 3 only.
 # The fixed model lands in fixed/ beside CHECKPOINT, under its file name, with the feature store
@@ -19,8 +19,8 @@ OUT         ?= $(FIXDIR)/$(notdir $(CHECKPOINT))
 STORE       ?= $(FIXDIR)/features.zarr
 HEAD        ?= $(FIXDIR)/head.pt
 EPOCHS      ?= 5
-LR          ?= 0.01,0.03,0.1,0.3
-WD          ?= 0,0.001,0.01
+LR          ?= 0.03,0.1,0.3,1
+WD          ?= 0,0.0001
 EXTRACT_FLAGS ?=
 TRAIN_FLAGS   ?=
 STITCH_FLAGS  ?=

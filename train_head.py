@@ -6,7 +6,8 @@
 Every --lr x --weight-decay combination trains together in one pass; the best on a holdout
 carved from train is kept, and val top-1/top-5 is reported for every point. With --checkpoint,
 the old head is diagnosed first: if its rows are a permutation of the right head, --init auto
-starts from the permuted rows, and --epochs 0 is a training-free fix.
+starts from the permuted rows; the permuted old head is also a candidate of its own (epoch 0),
+chosen when it wins on the holdout, and --epochs 0 makes it the fix with no training.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import argparse
 from pathlib import Path
 
 from pipeline.cli import log, run_main, script_parser
-from pipeline.train import run_train
+from pipeline.train import DEFAULT_LR, DEFAULT_WD, run_train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "used for a warm start")
     parser.add_argument("--epochs", "--fix-epochs", type=int, help="passes over the features")
     parser.add_argument("--lr", help="learning rate(s), comma-separated: a grid in one pass")
-    parser.add_argument("--weight-decay", help="weight decay value(s), comma-separated")
+    parser.add_argument("--weight-decay", help="weight decay value(s), comma-separated: the "
+                        "L2 penalty wd/2*||W||^2 on the raw head's weight, as "
+                        "torch.optim.SGD(weight_decay=wd) on an nn.Linear's weight")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--label-smoothing", type=float)
     parser.add_argument("--warmup-epochs", type=float, help="linear warmup before the cosine "
@@ -41,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stream", action=argparse.BooleanOptionalAction,
                         help="stream batches from host memory instead of keeping the features "
                         "on the device (default: resident when they fit)")
-    parser.set_defaults(epochs=5, lr="0.01,0.03,0.1,0.3", weight_decay="0,0.001,0.01",
+    parser.set_defaults(epochs=5, lr=DEFAULT_LR, weight_decay=DEFAULT_WD,
                         batch_size=256, label_smoothing=0.0, warmup_epochs=1.0, seed=0,
                         holdout_fraction=0.1, init="auto", stream=None)
     return parser

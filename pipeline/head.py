@@ -106,8 +106,8 @@ class HeadState:
     faster than on raw pooled features) and folded back into a head for raw features at the end:
     W x' + b = (W / s) x + (b - W mu / s). The objective is the raw head's, as with
     `torch.optim.SGD(weight_decay=wd)` on the weight of an `nn.Linear` on raw features: mean
-    cross-entropy + wd / 2 * ||W / s||^2 (the bias is not decayed, as in timm and the torchvision
-    references' linear probes). In standardised coordinates that penalty's gradient is
+    cross-entropy + wd / 2 * ||W / s||^2 (the bias is not decayed, as timm's optimizer factory
+    leaves 1-d parameters). In standardised coordinates that penalty's gradient is
     wd * W / s^2, so each dimension's step is preconditioned by s^2 / (s^2 + wd): the same
     minimiser, and stable where a near-constant dimension (s^2 << wd) would otherwise blow up.
 
@@ -411,6 +411,12 @@ def holdout_split(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
 
 
 def choose(records: Sequence[dict], key: str) -> int:
-    """Index of the best grid point by `key`_top1, then lower `key`_loss."""
-    return max(range(len(records)),
-               key=lambda i: (records[i][f"{key}_top1"], -records[i][f"{key}_loss"]))
+    """Index of the best candidate by `key`_top1, then lower `key`_loss; a candidate whose loss
+    is not finite (a point whose LR diverged) comes last."""
+
+    def rank(i: int) -> tuple[bool, float, float]:
+        loss = records[i][f"{key}_loss"]
+        finite = math.isfinite(loss)
+        return finite, records[i][f"{key}_top1"] if finite else 0.0, -loss if finite else 0.0
+
+    return max(range(len(records)), key=rank)

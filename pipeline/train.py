@@ -26,8 +26,8 @@ from .report import plot_curves, write_jsonl
 log = logging.getLogger("quickfix")
 
 # the default grid, calibrated on real-image features (BENCHMARKS.md, "Stage 2 defaults")
-DEFAULT_LR = "0.01,0.03,0.1,0.3"
-DEFAULT_WD = "0,0.001,0.01"
+DEFAULT_LR = "0.03,0.1,0.3,1"
+DEFAULT_WD = "0,0.0001"
 
 
 OLD_HEAD = "old head (permuted)"

@@ -136,3 +136,9 @@ def test_streamed_equals_resident_on_cuda():
     again = H.train_heads(host, cfg, num_classes=5, device=dev)
     assert torch.equal(again.weight, streamed.weight)
     assert np.isfinite(resident.weight.numpy()).all()
+
+
+def test_a_diverged_point_is_never_chosen():
+    records = [{"h_top1": 0.9, "h_loss": float("nan")}, {"h_top1": 0.5, "h_loss": 1.0},
+               {"h_top1": 0.5, "h_loss": 0.8}, {"h_top1": 1.0, "h_loss": float("inf")}]
+    assert H.choose(records, "h") == 2
