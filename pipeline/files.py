@@ -25,8 +25,12 @@ class WriteError(QuickFixError):
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None], *,
-                 check: Callable[[Path], None] | None = None, what: str = "") -> None:
-    """Write `path` with `write(file)`; `check(temp_path)` may raise to keep the old file."""
+                 check: Callable[[Path], None] | None = None, what: str = "",
+                 errors: tuple[type[BaseException], ...] = ()) -> None:
+    """Write `path` with `write(file)`; `check(temp_path)` may raise to keep the old file.
+
+    OSError, torch.save's RuntimeError and `errors` (a writer's own I/O error type) raised while
+    writing become one WriteError line."""
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(path)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
@@ -36,7 +40,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None], *,
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())
-        except (OSError, RuntimeError) as exc:  # torch.save reports ENOSPC as RuntimeError
+        except (OSError, RuntimeError, *errors) as exc:  # torch.save: ENOSPC is RuntimeError
             first = (str(exc).splitlines() or [type(exc).__name__])[0]
             raise WriteError(f"cannot write {path}: {first}{what}") from exc
         if check is not None:

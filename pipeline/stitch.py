@@ -339,8 +339,12 @@ def _save_verified(new: Any, out: Path, ckpt: Checkpoint, changes: Changes, trus
     """Written atomically, and reloaded and verified before it is moved into place.
 
     `metadata` is not None for a safetensors output (the input was one)."""
+    errors: tuple[type[BaseException], ...] = ()
     if metadata is not None:
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
+
+        errors = (SafetensorError,)
 
         def write(f):  # safetensors writes by name; the fsync of `f` covers the same file
             save_file(new, f.name, metadata=metadata)
@@ -349,7 +353,7 @@ def _save_verified(new: Any, out: Path, ckpt: Checkpoint, changes: Changes, trus
             torch.save(new, f)
 
     atomic_write(out, write, check=lambda tmp: _verify(tmp, ckpt, changes, trust, metadata),
-                 what="; the original is untouched")
+                 what="; the original is untouched", errors=errors)
 
 
 def _verify(path: Path, ckpt: Checkpoint, changes: Changes, trust: bool,

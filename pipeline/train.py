@@ -80,7 +80,6 @@ class Inputs:
     components: dict
     train: H.Features
     evals: dict[str, H.Features]
-    holdout_rows: int
     old_head: tuple[torch.Tensor, torch.Tensor] | None
     resident: bool
 
@@ -225,8 +224,7 @@ def load(features: Path, checkpoint: Path | None, settings: Settings, trust: boo
     log.info("train: %d rows (%s), holdout %d, val %d; %d classes, %d-d features on %s",
              len(train), "resident" if resident else "streamed", int(holdout_mask.sum()),
              len(evals["val"]) if "val" in evals else 0, len(classes), dim, dev)
-    return Inputs(group, classes, components, train, evals, int(holdout_mask.sum()), old_head,
-                  resident)
+    return Inputs(group, classes, components, train, evals, old_head, resident)
 
 
 def fit(inputs: Inputs, settings: Settings) -> Outcome:

@@ -368,6 +368,19 @@ def test_safetensors_in_safetensors_out(tmp_path, tree, capsys):
     assert torch.equal(plain.fc.weight, head["weight"])
     assert val_top1(plain, tree) == pytest.approx(stage2_val(head))
     assert load_checkpoint(out).classes == ORDER
+    # a full disk (a file-size limit) while safetensors writes: one line, nothing left behind
+    root = Path(__file__).resolve().parent.parent
+    full = tmp_path / "full" / "model.safetensors"
+    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)); "
+            "import stitch_checkpoint; sys.exit(stitch_checkpoint.main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code, "--checkpoint", str(ckpt), "--head",
+                           str(tmp_path / "head.pt"), "--out", str(full)], cwd=root,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and f"cannot write {full}" in errors[0]
+    assert not full.exists() and not list(full.parent.glob(".*tmp-*"))
 
 
 def test_damaged_safetensors_is_one_line(tmp_path, tree, capsys):
