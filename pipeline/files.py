@@ -29,10 +29,16 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None], *,
                  errors: tuple[type[BaseException], ...] = ()) -> None:
     """Write `path` with `write(file)`; `check(temp_path)` may raise to keep the old file.
 
-    OSError, torch.save's RuntimeError and `errors` (a writer's own I/O error type) raised while
-    writing become one WriteError line."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(path)
+    OSError, torch.save's RuntimeError and `errors` (a writer's own I/O error type) become one
+    WriteError line; whatever happens, no temp file is left."""
+    failures = (OSError, RuntimeError, *errors)  # torch.save reports ENOSPC as RuntimeError
+    if path.is_dir():
+        raise WriteError(f"cannot write {path}: it is a directory; give a file path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(path)
+    except OSError as exc:
+        raise WriteError(f"cannot write {path}: {_first_line(exc)}{what}") from exc
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     try:
         try:
@@ -40,16 +46,22 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None], *,
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())
-        except (OSError, RuntimeError, *errors) as exc:  # torch.save: ENOSPC is RuntimeError
-            first = (str(exc).splitlines() or [type(exc).__name__])[0]
-            raise WriteError(f"cannot write {path}: {first}{what}") from exc
+        except failures as exc:
+            raise WriteError(f"cannot write {path}: {_first_line(exc)}{what}") from exc
         if check is not None:
             check(tmp)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
+        except OSError as exc:
+            raise WriteError(f"cannot write {path}: {_first_line(exc)}{what}") from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
 def fsync_dir(folder: Path) -> None:

@@ -142,3 +142,4 @@ def test_a_diverged_point_is_never_chosen():
     records = [{"h_top1": 0.9, "h_loss": float("nan")}, {"h_top1": 0.5, "h_loss": 1.0},
                {"h_top1": 0.5, "h_loss": 0.8}, {"h_top1": 1.0, "h_loss": float("inf")}]
     assert H.choose(records, "h") == 2
+
