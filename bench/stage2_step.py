@@ -40,14 +40,7 @@ class AutogradState(H.HeadState):
         self.running += (rows.detach() * mask).sum(1).double()
         loss = (rows * (mask / mask.sum())).sum()  # the points are independent: sum of means
         grad_w, grad_b = torch.autograd.grad(loss, (w, bias))
-        rate = self.lrs * self.factors.index_select(0, self.step_index)
-        if self.decayed:
-            grad_w.mul_(self.precond).addcmul_(self.decay, self.weight)
-        self.buf_w.mul_(cfg.momentum).add_(grad_w)
-        self.buf_b.mul_(cfg.momentum).add_(grad_b)
-        self.weight.sub_(rate[:, None, None] * self.buf_w)
-        self.bias.sub_(rate[:, None] * self.buf_b)
-        self.step_index += 1
+        self.update(grad_w, grad_b)
 
 
 def main() -> int:

@@ -161,13 +161,16 @@ class HeadState:
         # dLoss/dlogits of each point's mean loss over the real rows: (softmax - target) / n
         grad = (logp.exp_() - target) * (mask / mask.sum())[None, :, None]
         grad_w = (grad.transpose(0, 1).reshape(b, g * c).T @ x).reshape(g, c, -1)
-        grad_b = grad.sum(1)
+        self.update(grad_w, grad.sum(1))
+
+    def update(self, grad_w: torch.Tensor, grad_b: torch.Tensor) -> None:
+        """The SGD update from the loss gradients (`grad_w` is consumed)."""
         rate = self.lrs * self.factors.index_select(0, self.step_index)
         # torch.optim.SGD: d = grad + decay; buf = m * buf + d; w -= lr * buf
         if self.decayed:
             grad_w.mul_(self.precond).addcmul_(self.decay, self.weight)
-        self.buf_w.mul_(cfg.momentum).add_(grad_w)
-        self.buf_b.mul_(cfg.momentum).add_(grad_b)
+        self.buf_w.mul_(self.config.momentum).add_(grad_w)
+        self.buf_b.mul_(self.config.momentum).add_(grad_b)
         self.weight.sub_(rate[:, None, None] * self.buf_w)
         self.bias.sub_(rate[:, None] * self.buf_b)
         self.step_index += 1
