@@ -282,6 +282,10 @@ def fit(inputs: Inputs, settings: Settings) -> Outcome:
         log.info("  %-24s %s", describe(rec).removeprefix("the "), "  ".join(
             f"{k} {rec[k]:.2%}" for k in ("holdout_top1", "val_top1", "val_top5") if k in rec)
             + ("   <- chosen" if rec is chosen else ""))
+    if not (torch.isfinite(heads[best][0]).all() and torch.isfinite(heads[best][1]).all()):
+        raise DataError(f"training diverged: the best candidate ({describe(chosen)}) has "
+                        "non-finite weights; lower --lr, and check the store for NaN/inf "
+                        "features")
     outcome = Outcome(heads[best][0].clone(), heads[best][1].clone(), chosen, candidates,
                       history, "old-head (permuted)" if init_tensors is not None else "zeros",
                       diagnosis)

@@ -402,6 +402,16 @@ def test_empty_split_and_one_class_are_refused(tmp_path, capsys):
              "no usable rows")
 
 
+def test_a_diverged_run_writes_no_head(tmp_path, capsys):
+    x, y, classes = separable()
+    store = synthetic_store(tmp_path / "s.zarr", x, y, classes)
+    out = tmp_path / "head.pt"
+    assert train_head.main(["--features", str(store), "--out", str(out), "--epochs", "3",
+                            "--lr", "1e38", "--weight-decay", "0"]) == 2
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "training diverged" in errors[0] and not out.exists()
+
+
 @pytest.mark.parametrize(("flags", "match"), [
     (["--lr", "0"], "--lr: 0.0 is not a valid value"),
     (["--lr", "fast"], "expected numbers separated by commas"),
