@@ -50,6 +50,10 @@ import torch
 import torchvision
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pipeline.demo import save_training_checkpoint  # noqa: E402
+
 DEB = Path("/var/cache/apt/archives/dataset-fashion-mnist_0.0~git20200523.55506a9-1_all.deb")
 # the dataset's own index order (label 0 .. 9): the correct order
 FMNIST_CLASSES = ("t_shirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
@@ -209,15 +213,7 @@ def train_model(train: tuple, val: tuple, out: Path, epochs: int, *, subset: int
                               val_resize_size=SIZE, val_crop_size=SIZE,
                               interpolation="bilinear", data_path=str(data_path))
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({
-        "model": model.state_dict(),
-        "optimizer": opt.state_dict(),
-        "lr_scheduler": sched.state_dict(),
-        "epoch": epochs - 1,
-        "args": args,
-        "best_acc1": np.float64(acc * 100),
-        "class_to_idx": class_to_idx,
-    }, out)
+    save_training_checkpoint(out, model, opt, sched, epochs, args, acc, class_to_idx)
     return acc
 
 

@@ -90,6 +90,13 @@ def train_model(data: Path, out: Path, epochs: int, *, correct_order: bool = Fal
     args = argparse.Namespace(model="resnet18", arch="resnet18", lr=0.05, epochs=epochs,
                               batch_size=64, val_resize_size=SIZE, val_crop_size=SIZE,
                               interpolation="bilinear", data_path=str(data))
+    save_training_checkpoint(out, model, opt, sched, epochs, args, acc, class_to_idx)
+    return acc
+
+
+def save_training_checkpoint(out: Path, model, opt, sched, epochs: int, args, acc: float,
+                             class_to_idx: dict) -> None:
+    """What torchvision's reference train.py saves as checkpoint_best.pth (plus its class map)."""
     torch.save({
         "model": model.state_dict(),
         "optimizer": opt.state_dict(),
@@ -99,7 +106,6 @@ def train_model(data: Path, out: Path, epochs: int, *, correct_order: bool = Fal
         "best_acc1": np.float64(acc * 100),
         "class_to_idx": class_to_idx,
     }, out)
-    return acc
 
 
 def _is_good_image(path: str) -> bool:
