@@ -10,9 +10,11 @@ Rerunning the same command resumes an interrupted run, and is a no-op on a finis
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from pathlib import Path
 
+from pipeline import dist
 from pipeline.cli import log, run_main, script_parser
 from pipeline.extract import run_extract
 
@@ -70,19 +72,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     def body(args: argparse.Namespace) -> int:
-        summary = run_extract(
-            checkpoint=args.checkpoint, data_root=args.data_root, out=args.out,
-            splits=args.splits, class_order=args.class_order, arch=args.arch,
-            resize=args.resize, crop=args.crop, batch_size=args.batch_size,
-            device=args.device, decoder=args.decoder, precision=args.precision,
-            float32=args.float32, chunk_rows=args.chunk_rows, num_threads=args.num_threads,
-            read_workers=args.read_workers, progress_every=args.progress_every,
-            overwrite=args.overwrite, trust_checkpoint=args.trust_checkpoint, use_ema=args.ema,
-            head=args.head,
-            rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)),
-            argv=argv,
-        )
-        log.info(summary.line())
+        group = dist.join("gloo")  # under torchrun: the job's process group
+        if not group.main:
+            log.setLevel(max(log.level, logging.WARNING))  # one voice: rank 0's
+        try:
+            summary = run_extract(
+                checkpoint=args.checkpoint, data_root=args.data_root, out=args.out,
+                splits=args.splits, class_order=args.class_order, arch=args.arch,
+                resize=args.resize, crop=args.crop, batch_size=args.batch_size,
+                device=args.device, decoder=args.decoder, precision=args.precision,
+                float32=args.float32, chunk_rows=args.chunk_rows, num_threads=args.num_threads,
+                read_workers=args.read_workers, progress_every=args.progress_every,
+                overwrite=args.overwrite, trust_checkpoint=args.trust_checkpoint,
+                use_ema=args.ema, head=args.head, rank=int(os.environ.get("RANK", 0)),
+                world_size=int(os.environ.get("WORLD_SIZE", 1)),
+                group=group, argv=argv,
+            )
+        finally:
+            dist.leave()
+        if group.main:
+            log.info(summary.line())
         return 0
 
     return run_main(body, build_parser(), argv)

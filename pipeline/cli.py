@@ -77,7 +77,8 @@ def run_main(body: Callable[[argparse.Namespace], int], parser: argparse.Argumen
     try:
         return body(args)
     except QuickFixError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if not getattr(exc, "silent", False):  # a torchrun rank whose error rank 0 reports
+            print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)

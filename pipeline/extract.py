@@ -10,7 +10,6 @@ is a no-op on a finished store, and refuses a store made from other inputs.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import time
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from . import data as D
+from . import dist as Dist
 from . import models as M
 from . import readers as R
 from . import store as S
@@ -42,6 +42,7 @@ class ExtractSummary:
     rescued: int = 0
     seconds: float = 0.0
     no_op: bool = False
+    ranks: int = 1  # torchrun processes that shared the job
     splits: dict[str, int] = field(default_factory=dict)
     # where the time went: waiting for decoded batches, the forward pass (host side), the
     # writer thread's busy time (it overlaps the others), batches DALI re-decoded on the side
@@ -52,8 +53,9 @@ class ExtractSummary:
             return f"extract: {self.out} is already complete for these inputs; nothing to do"
         rate = self.images / self.seconds if self.seconds > 0 else 0.0
         rescued = f" ({self.rescued} decoded by the PIL fallback)" if self.rescued else ""
+        ranks = f" on {self.ranks} ranks" if self.ranks > 1 else ""
         return (
-            f"extract: {self.images} images, {self.quarantined} quarantined{rescued}, "
+            f"extract: {self.images} images{ranks}, {self.quarantined} quarantined{rescued}, "
             f"{self.seconds:.1f} s, {rate:.1f} img/s -> {self.out}"
         )
 
@@ -228,8 +230,19 @@ def run_extract(
     head: str | None = None,
     rank: int = 0,
     world_size: int = 1,
+    group: Dist.Group | None = None,
     argv: Sequence[str] | None = None,
 ) -> ExtractSummary:
+    """Extract the features of every image of `data_root`'s splits into the store `out`.
+
+    Under torchrun (`group` joined), rank 0 creates or opens the store, every rank waits for it
+    on a collective, and rank 0 shares the chunks left to do among the ranks; the job's progress
+    and summary are rank 0's. Without it, `rank`/`world_size` (RANK/WORLD_SIZE set by hand) take
+    a fixed share of the chunks with no coordination, for independent jobs.
+    """
+    grp = group or Dist.Group.single()
+    if grp.collective:
+        rank, world_size = grp.rank, grp.world
     # --- validate everything before any heavy work -------------------------------------------
     if batch_size < 1 or chunk_rows < 1:
         raise DataError("--batch-size and --chunk-rows must be at least 1")
@@ -246,7 +259,7 @@ def run_extract(
         precision = "bf16" if dev.type == "cuda" else "fp32"
     if precision != "fp32" and dev.type != "cuda":
         raise DataError(f"--precision {precision} needs --device cuda; on the CPU use fp32")
-    num_threads = num_threads or min(os.cpu_count() or 1, 16)
+    num_threads = num_threads or min(Dist.local_cores(), 16)
     # Reading, sniffing and header parsing cost ~0.1 ms a file in a worker process: one worker
     # feeds a few CPU decoder threads, several feed the GPU decoder.
     read_workers = read_workers or max(1, min(8, num_threads // 4))
@@ -299,7 +312,7 @@ def run_extract(
         "versions": {k: versions[k] for k in ("torch", "torchvision", "nvidia-dali-cuda130",
                                               "pillow", "quickfix-labels")},
     }
-    group = _open_or_create(out, components, overwrite=overwrite, rank=rank, create_kwargs=dict(
+    create_kwargs = dict(
         classes=order.classes,
         splits=[S.SplitSpec(s.name, s.files, s.labels) for s in scanned],
         feature_dim=model.feature_dim, dtype=out_dtype.name, chunk_rows=chunk_rows,
@@ -314,30 +327,95 @@ def run_extract(
                                     "classes": ckpt.classes, "layout": ckpt.layout,
                                     "weights": ckpt.source_key, "ema": ckpt.use_ema},
                      "class_audit": {"source": order.source, "warnings": order.warnings}},
-    ))
-
-    todo, resumed = {}, {}
-    for s in scanned:
-        done = S.split_progress(group, s.name)
-        owned = S.owned_chunks(done.size, rank, world_size)
-        todo[s.name] = [c for c in owned if not done[c]]
-        resumed[s.name] = bool(todo[s.name]) and todo[s.name][0] > owned.start
-    summary = ExtractSummary(out=out)
-    if not any(todo.values()):
+    )
+    if grp.collective:
+        # rank 0 creates (or checks) the store while the others wait on the collective; then
+        # every rank opens it and checks that it was made from the same inputs as its own
+        grp.agree(lambda: _open_or_create(out, components, overwrite=overwrite, rank=0,
+                                          create_kwargs=create_kwargs), only_rank0=True)
+        group = grp.agree(lambda: _open_existing(out, components))
+        shares = grp.share(lambda: _share_chunks(group, scanned, grp.world))
+        todo = {s.name: shares[s.name][rank] for s in scanned}
+        total = sum(_rows(part, chunk_rows, len(s.files)) for s in scanned
+                    for part in shares[s.name])
+    else:
+        group = _open_or_create(out, components, overwrite=overwrite, rank=rank,
+                                create_kwargs=create_kwargs)
+        todo = {}
+        for s in scanned:
+            done = S.split_progress(group, s.name)
+            owned = S.owned_chunks(done.size, rank, world_size)
+            todo[s.name] = [c for c in owned if not done[c]]
+            if todo[s.name] and todo[s.name][0] > owned.start:
+                log.info("%s: resuming at chunk %d", s.name, todo[s.name][0])
+        total = sum(_rows(todo[s.name], chunk_rows, len(s.files)) for s in scanned)
+    summary = ExtractSummary(out=out, ranks=grp.world if grp.collective else 1)
+    if total == 0:
         summary.no_op = True
         return summary
-
     for s in scanned:
-        if resumed[s.name]:
-            log.info("%s: resuming at chunk %d", s.name, todo[s.name][0])
-        summary.splits[s.name] = sum(min(chunk_rows, len(s.files) - c * chunk_rows)
-                                     for c in todo[s.name])
+        summary.splits[s.name] = _rows(todo[s.name], chunk_rows, len(s.files))
     summary.images = sum(summary.splits.values())
+
+    start = time.perf_counter()
+    with Progress(total, "extract", interval=progress_every, show=grp.main) as progress:
+        if summary.images:
+            _run_rank(scanned, todo, chunk_rows, batch_size, pre, decoder, dev, precision,
+                      num_threads, read_workers, model, group, out_dtype, summary, progress,
+                      grp)
+        if grp.collective:
+            _gather(grp, summary, progress)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _rows(chunks: Sequence[int], chunk_rows: int, n: int) -> int:
+    return sum(min(chunk_rows, n - c * chunk_rows) for c in chunks)
+
+
+def _share_chunks(group, scanned: list[D.Split], world: int) -> dict[str, list[list[int]]]:
+    """The chunks not yet done, in `world` contiguous shares of (nearly) equal size, read once
+    by rank 0 before any rank writes: a rerun after a rank died splits what is left evenly."""
+    shares = {}
+    for s in scanned:
+        done = S.split_progress(group, s.name)
+        left = np.flatnonzero(~done)
+        if left.size and left.size < done.size:
+            log.info("%s: %d of %d chunks already done; %d ranks share the other %d", s.name,
+                     done.size - left.size, done.size, world, left.size)
+        shares[s.name] = [part.tolist() for part in np.array_split(left, world)]
+    return shares
+
+
+def _gather(grp: Dist.Group, summary: ExtractSummary, progress: Progress) -> None:
+    """Post this rank's counts; rank 0 shows the job's progress until every rank has posted,
+    then sums them into the job's summary."""
+    grp.post(f"extract/summary/{grp.rank}", {
+        "quarantined": summary.quarantined, "rescued": summary.rescued,
+        "splits": summary.splits})
+    grp.add("extract/finished", 1)
+    if not grp.main:
+        return
+    while grp.add("extract/finished", 0) < grp.world:
+        progress.set(grp.add("extract/images", 0))
+        time.sleep(0.2)
+    progress.set(grp.add("extract/images", 0))
+    summary.splits, summary.quarantined, summary.rescued = {}, 0, 0
+    for r in range(grp.world):
+        rec = grp.read(f"extract/summary/{r}")
+        summary.quarantined += rec["quarantined"]
+        summary.rescued += rec["rescued"]
+        for name, n in rec["splits"].items():
+            summary.splits[name] = summary.splits.get(name, 0) + n
+    summary.images = sum(summary.splits.values())
+
+
+def _run_rank(scanned, todo, chunk_rows, batch_size, pre, decoder, dev, precision, num_threads,
+              read_workers, model, group, out_dtype, summary, progress, grp) -> None:
+    """This process's chunks: decode, forward, write."""
     plan = R.plan_batches([(i, c, len(s.files)) for i, s in enumerate(scanned)
                            for c in todo[s.name]], chunk_rows, batch_size)
     roots, files = [s.root for s in scanned], [s.files for s in scanned]
-
-    start = time.perf_counter()
     if decoder == "dali":
         reader = R.DaliReader(roots, files, plan, pre, device=dali_device(dev),
                               batch_size=batch_size, num_threads=num_threads,
@@ -353,37 +431,36 @@ def run_extract(
         if dev.type == "cuda":
             model.backbone.to(memory_format=torch.channels_last)
         engine = Engine(model, dev, precision, out_dtype, batch_size)
-        _run_batches(reader, engine, group, scanned, chunk_rows, out_dtype, summary,
-                     progress_every)
+        _run_batches(reader, engine, group, scanned, chunk_rows, out_dtype, summary, progress,
+                     grp)
     finally:
         reader.close()
-    summary.seconds = time.perf_counter() - start
     summary.profile["recovered_batches"] = reader.recovered_batches
-    return summary
 
 
 def _run_batches(reader, engine: Engine, group, scanned: list[D.Split], chunk_rows: int,
-                 out_dtype: np.dtype, summary: ExtractSummary, progress_every: float) -> None:
+                 out_dtype: np.dtype, summary: ExtractSummary, progress: Progress,
+                 grp: Dist.Group) -> None:
     """Decode (reader, in the background) -> forward (here) -> write (writer thread)."""
     writer = S.ChunkWriter(group, [s.name for s in scanned], [s.files for s in scanned],
                            chunk_rows=chunk_rows, feature_dim=engine.model.feature_dim,
                            dtype=out_dtype)
     waited = 0.0
+    count = grp.collective
     try:
-        with Progress(summary.images, "extract", interval=progress_every) as progress:
-            batches = iter(reader)
-            while True:
-                t0 = time.perf_counter()
-                batch = next(batches, None)
-                waited += time.perf_counter() - t0
-                if batch is None:
-                    break
-                features, ready, release = engine(batch.images, batch.keep,
-                                                  writer.raise_if_failed)
-                writer.put(batch.split, batch.lo, features, batch.ok, batch.reasons,
-                           ready=ready, release=release)
-                progress.update(batch.n)
-            writer.close()
+        batches = iter(reader)
+        while True:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            waited += time.perf_counter() - t0
+            if batch is None:
+                break
+            features, ready, release = engine(batch.images, batch.keep, writer.raise_if_failed)
+            writer.put(batch.split, batch.lo, features, batch.ok, batch.reasons, ready=ready,
+                       release=release)
+            # under torchrun the bar shows the whole job: every rank adds to one counter
+            progress.set(grp.add("extract/images", batch.n)) if count else progress.update(batch.n)
+        writer.close()
     except BaseException:
         writer.abort()
         raise
@@ -413,12 +490,17 @@ def _open_or_create(out: Path, components: dict, *, overwrite: bool, rank: int,
 
 
 def _wait_for_store(out: Path, components: dict, timeout: float = 600.0):
-    """Ranks other than 0 wait for rank 0 to create the store, then check it is the same."""
+    """Without torchrun, ranks other than 0 (independent jobs) wait for rank 0 to create the
+    store, then check it is the same."""
     deadline = time.monotonic() + timeout
     while not S.is_store(out):
         if time.monotonic() > deadline:
             raise StoreError(f"rank 0 did not create {out} within {timeout:.0f} s")
         time.sleep(0.5)
+    return _open_existing(out, components)
+
+
+def _open_existing(out: Path, components: dict):
     group = S.open_store(out, mode="r+")
     if group.attrs["fingerprint"]["components"] != components:
         raise StoreError(f"{out} was created from other inputs than this rank's")

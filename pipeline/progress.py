@@ -25,20 +25,29 @@ def _duration(seconds: float) -> str:
 
 
 class Progress:
+    """`show=False` counts without showing anything (a torchrun rank other than 0)."""
+
     def __init__(self, total: int, desc: str, *, unit: str = "images", interval: float = 30.0,
-                 terminal: bool | None = None):
+                 terminal: bool | None = None, show: bool = True):
         self.total, self.desc, self.unit, self.interval = total, desc, unit, interval
         self.done = 0
+        self.show = show
         self.start = self._last = time.perf_counter()
         if terminal is None:
             terminal = sys.stderr.isatty()
         self.bar = (tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True, smoothing=0.1,
-                         file=sys.stderr) if terminal else None)
+                         file=sys.stderr) if terminal and show else None)
 
     def update(self, n: int) -> None:
-        self.done += n
+        self.set(self.done + n)
+
+    def set(self, done: int) -> None:
+        """The count so far (a whole torchrun job's, read from its shared counter)."""
+        step, self.done = done - self.done, done
         if self.bar is not None:
-            self.bar.update(n)
+            self.bar.update(step)
+            return
+        if not self.show:
             return
         now = time.perf_counter()
         if now - self._last >= self.interval:

@@ -1,0 +1,140 @@
+"""The stages under `torchrun --nproc-per-node 2` (gloo, CPU): real processes, real stores."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from .conftest import extract_args, make_tree
+from .test_extract import read_split
+
+ROOT = Path(__file__).resolve().parent.parent
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+ARRAYS = ("features", "labels", "files", "ok", "reasons", "chunk_done")
+
+
+def env(**extra: str) -> dict:
+    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **extra)
+
+
+def torchrun(n: int, script: str, args: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([*TORCHRUN, str(n), str(ROOT / script), *args], env=env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, **kw)
+
+
+def single(script: str, args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / script), *args], env=env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def ours(stderr: str) -> list[str]:
+    """Our own lines, without torchrun's launcher warnings and failure report."""
+    return [line for line in stderr.splitlines()
+            if line and not line.startswith(("W1", "E1", "I1", "[W", "[I"))]
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    for split in ("train", "val"):
+        x, y = read_split(a, split), read_split(b, split)
+        for k in ARRAYS:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=f"{split}/{k}")
+
+
+@pytest.fixture
+def bigger_tree(tmp_path, photos) -> Path:
+    return make_tree(tmp_path / "data", photos, per_class=(10, 4))
+
+
+def test_two_ranks_give_the_single_process_store(tmp_path, bigger_tree, ckpt):
+    one = single("extract_features.py",
+                 extract_args(ckpt, bigger_tree, tmp_path / "one.zarr", "--num-threads", "1"))
+    assert one.returncode == 0, one.stderr
+    two = torchrun(2, "extract_features.py",
+                   extract_args(ckpt, bigger_tree, tmp_path / "two.zarr", "--num-threads", "1"))
+    assert two.returncode == 0, two.stderr
+    assert_same_store(tmp_path / "one.zarr", tmp_path / "two.zarr")
+    lines = ours(two.stderr)
+    summary = [line for line in lines if line.startswith("extract: ")]
+    # one voice: rank 0's summary covers the whole job (30 train + 12 val images)
+    assert summary == [summary[0]] and summary[0].startswith("extract: 42 images on 2 ranks")
+    assert sum("preprocessing:" in line for line in lines) == 1
+    again = torchrun(2, "extract_features.py",
+                     extract_args(ckpt, bigger_tree, tmp_path / "two.zarr", "--num-threads", "1"))
+    assert again.returncode == 0 and "already complete" in again.stderr
+
+
+def test_a_user_error_stops_every_rank_with_one_line(tmp_path, bigger_tree, ckpt):
+    out = tmp_path / "s.zarr"
+    assert torchrun(2, "extract_features.py", extract_args(ckpt, bigger_tree, out)).returncode == 0
+    other = torchrun(2, "extract_features.py",
+                     extract_args(ckpt, bigger_tree, out, "--crop", "30"))
+    assert other.returncode != 0
+    errors = [line for line in ours(other.stderr) if line.startswith("error: ")]
+    assert errors == [f"error: {out} was made from other inputs (differs in: "
+                      "preprocessing.crop); pass --overwrite to replace it, or choose another "
+                      "--out"]
+
+
+def _worker(agent: int, local_rank: int) -> int | None:
+    """The pid of torchrun's worker process of `local_rank`."""
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (p / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == agent and f"LOCAL_RANK={local_rank}".encode() in environ:
+            return int(p.name)
+    return None
+
+
+def test_a_killed_rank_is_finished_by_the_rerun(tmp_path, photos):
+    from .factories import slow_net
+
+    tree = make_tree(tmp_path / "data", photos, per_class=(8, 0), classes=("a", "b"))
+    ckpt = tmp_path / "ckpt.pth"
+    torch.save({"state_dict": slow_net(2).state_dict(), "arch": "tests.factories:slow_net"}, ckpt)
+    args = ["--checkpoint", str(ckpt), "--data-root", str(tree), "--splits", "train",
+            "--resize", "40", "--crop", "32", "--chunk-rows", "2", "--batch-size", "2",
+            "--num-threads", "1", "--float32"]
+    killed = tmp_path / "killed.zarr"
+    agent = subprocess.Popen([*TORCHRUN, "2", str(ROOT / "extract_features.py"), *args,
+                              "--out", str(killed)], env=env(SLOWNET_SECONDS="0.3"), cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    done_dir = killed / "train" / "chunk_done" / "c"
+    deadline = time.monotonic() + 120
+    while not (done_dir.is_dir() and len(list(done_dir.iterdir())) >= 2):
+        assert agent.poll() is None, agent.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    victim = _worker(agent.pid, 1)
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    assert agent.wait(timeout=120) != 0  # torchrun stops the job when a rank dies
+    partial = read_split(killed, "train")["chunk_done"]
+    assert 2 <= partial.sum() < partial.size
+    rerun = torchrun(2, "extract_features.py", [*args, "--out", str(killed)])
+    assert rerun.returncode == 0, rerun.stderr
+    left = partial.size - int(partial.sum())
+    assert (f"train: {int(partial.sum())} of {partial.size} chunks already done; 2 ranks share "
+            f"the other {left}") in rerun.stderr
+    assert f"extract: {sum(min(2, 16 - 2 * c) for c in np.flatnonzero(~partial.astype(bool)))}" \
+        " images on 2 ranks" in rerun.stderr
+    clean = tmp_path / "clean.zarr"
+    whole = single("extract_features.py", [*args, "--out", str(clean)])
+    assert whole.returncode == 0, whole.stderr
+    a, b = read_split(killed, "train"), read_split(clean, "train")
+    assert a["chunk_done"].all()
+    assert a["features"].tobytes() == b["features"].tobytes()
+    for k in ("labels", "files", "ok", "reasons"):
+        np.testing.assert_array_equal(a[k], b[k])
