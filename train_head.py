@@ -13,9 +13,12 @@ chosen when it wins on the holdout, and --epochs 0 makes it the fix with no trai
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
+from pipeline import dist
 from pipeline.cli import log, run_main, script_parser
+from pipeline.files import resolve_device
 from pipeline.train import DEFAULT_LR, DEFAULT_WD, run_train
 
 
@@ -44,23 +47,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stream", action=argparse.BooleanOptionalAction,
                         help="stream batches from host memory instead of keeping the features "
                         "on the device (default: resident when they fit)")
+    parser.add_argument("--stream-from-store", action=argparse.BooleanOptionalAction,
+                        help="out of core: read the features from the store in chunks, with a "
+                        "bounded buffer, instead of loading them into host memory (default: "
+                        "when they do not fit in the host memory available)")
+    parser.add_argument("--stream-buffer", type=float, metavar="MB",
+                        help="host memory for the out-of-core shuffle window and read-ahead")
     parser.set_defaults(epochs=5, lr=DEFAULT_LR, weight_decay=DEFAULT_WD,
                         batch_size=256, label_smoothing=0.0, warmup_epochs=1.0, seed=0,
-                        holdout_fraction=0.1, init="auto", stream=None)
+                        holdout_fraction=0.1, init="auto", stream=None,
+                        stream_from_store=None, stream_buffer=1024)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     def body(args: argparse.Namespace) -> int:
-        summary = run_train(
-            features=args.features, out=args.out, epochs=args.epochs, lr=args.lr,
-            weight_decay=args.weight_decay, batch_size=args.batch_size,
-            label_smoothing=args.label_smoothing, warmup_epochs=args.warmup_epochs,
-            device=args.device, seed=args.seed, holdout_fraction=args.holdout_fraction,
-            checkpoint=args.checkpoint, init=args.init, stream=args.stream,
-            trust_checkpoint=args.trust_checkpoint, argv=argv,
-        )
-        log.info(summary.line())
+        # under torchrun: the job's process group (NCCL for the gradients on GPUs)
+        group = dist.join("cuda" if resolve_device(args.device).type == "cuda" else "gloo")
+        if not group.main:
+            log.setLevel(max(log.level, logging.WARNING))  # one voice: rank 0's
+        try:
+            summary = run_train(
+                features=args.features, out=args.out, epochs=args.epochs, lr=args.lr,
+                weight_decay=args.weight_decay, batch_size=args.batch_size,
+                label_smoothing=args.label_smoothing, warmup_epochs=args.warmup_epochs,
+                device=args.device, seed=args.seed, holdout_fraction=args.holdout_fraction,
+                checkpoint=args.checkpoint, init=args.init, stream=args.stream,
+                stream_from_store=args.stream_from_store, stream_buffer_mb=args.stream_buffer,
+                trust_checkpoint=args.trust_checkpoint, group=group, argv=argv,
+            )
+        finally:
+            dist.leave()
+        if group.main:
+            log.info(summary.line())
         return 0
 
     return run_main(body, build_parser(), argv)

@@ -124,6 +124,20 @@ def scan_split(name: str, split_root: Path, classes: Sequence[str]) -> Split:
     return Split(name, split_root, files, np.asarray(labels, dtype=np.int32))
 
 
+# How the store orders each split's rows. The sorted scan puts every class in a run of rows, so a
+# storage chunk would hold one or two classes, and stage 2 out of core, which reads whole chunks
+# and shuffles within a window of them, would make batches of a few classes. The store keeps the
+# rows in a fixed permutation of the sorted scan instead: every chunk is a sample of the split.
+# It is deterministic, so every rank, rerun and resume sees the same order.
+ROW_ORDER = "permuted-v1"
+
+
+def store_order(split: Split) -> Split:
+    """The split's files in the order the store keeps them (see ROW_ORDER)."""
+    perm = np.random.default_rng(0).permutation(len(split.files))
+    return Split(split.name, split.root, [split.files[i] for i in perm], split.labels[perm])
+
+
 def natural_key(s: str) -> list:
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", s)]
 

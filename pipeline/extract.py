@@ -289,7 +289,8 @@ def run_extract(
     if len(order.classes) != model.num_classes:
         log.warning("the checkpoint's head has %d outputs but the class order lists %d classes",
                     model.num_classes, len(order.classes))
-    scanned = [D.scan_split(s, data_root / s, order.classes) for s in split_names]
+    scanned = [D.store_order(D.scan_split(s, data_root / s, order.classes))
+               for s in split_names]
 
     out_dtype = np.dtype("float32" if float32 else "float16")
     versions = package_versions()
@@ -307,6 +308,7 @@ def run_extract(
         "compute": {"device": dev.type, "precision": precision},
         "dtype": out_dtype.name,
         "chunk_rows": chunk_rows,
+        "row_order": D.ROW_ORDER,
         "classes_sha256": S.fingerprint_digest({"classes": order.classes}),
         "files_sha256": {s.name: S.file_list_digest(s.files, s.labels) for s in scanned},
         "versions": {k: versions[k] for k in ("torch", "torchvision", "nvidia-dali-cuda130",

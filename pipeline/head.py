@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .dist import all_sum
 from .errors import DataError
 
 log = logging.getLogger("quickfix")
@@ -32,6 +33,20 @@ class Features:
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
+
+    def blocks(self, size: int = 4096):
+        """(x, y) slices of `size` rows, in order (a store-backed source yields its chunks)."""
+        for lo in range(0, len(self), size):
+            yield self.x[lo:lo + size], self.y[lo:lo + size]
+
+
+@dataclass
+class Shard:
+    """This rank's rows under torchrun: rows [lo, hi) of the `total` usable train rows."""
+
+    lo: int
+    hi: int
+    total: int
 
 
 @dataclass
@@ -77,16 +92,17 @@ def logits_of(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torc
 @torch.no_grad()
 def evaluate(feats: Features, weight: torch.Tensor, bias: torch.Tensor, *, device: torch.device,
              batch_size: int = 4096) -> list[dict]:
-    """top-1, top-5 and mean cross-entropy of every grid point on `feats`."""
+    """top-1, top-5 and mean cross-entropy of every grid point on `feats` (under torchrun, on
+    the union of the ranks' shards)."""
     g, c, _ = weight.shape
     k = min(5, c)
-    top1 = torch.zeros(g, dtype=torch.float64, device=device)
-    top5 = torch.zeros_like(top1)
-    loss = torch.zeros_like(top1)
-    n = len(feats)
-    for lo in range(0, n, batch_size):
-        x = feats.x[lo:lo + batch_size].to(device, non_blocking=True)
-        y = feats.y[lo:lo + batch_size].to(device, non_blocking=True)
+    # top-1 hits, top-5 hits, summed loss per point, then the row count
+    sums = torch.zeros(3 * g + 1, dtype=torch.float64, device=device)
+    top1, top5, loss = sums[:g], sums[g:2 * g], sums[2 * g:3 * g]
+    for x, y in feats.blocks(batch_size):
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        sums[-1] += y.shape[0]
         logits = logits_of(x, weight, bias)  # [G, B, C]
         pred = logits.topk(k, dim=2).indices
         hit = pred == y[None, :, None]
@@ -94,7 +110,8 @@ def evaluate(feats: Features, weight: torch.Tensor, bias: torch.Tensor, *, devic
         top5 += hit.any(2).sum(1)
         loss += torch.nn.functional.cross_entropy(
             logits.reshape(-1, c), y.repeat(g), reduction="none").reshape(g, -1).sum(1)
-    denom = max(n, 1)
+    all_sum(sums)
+    denom = max(float(sums[-1]), 1.0)
     return [{"top1": float(a) / denom, "top5": float(b) / denom, "loss": float(lo_) / denom}
             for a, b, lo_ in zip(top1.tolist(), top5.tolist(), loss.tolist(), strict=True)]
 
@@ -118,8 +135,9 @@ class HeadState:
 
     def __init__(self, config: TrainConfig, *, num_classes: int, dim: int, steps: int,
                  mu: torch.Tensor, scale: torch.Tensor, device: torch.device,
-                 init: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 init: tuple[torch.Tensor, torch.Tensor] | None = None, sharded: bool = False):
         grid = config.grid()
+        self.sharded = sharded
         g, c, d = len(grid), num_classes, dim
         self.config, self.num_classes, self.mu, self.scale = config, c, mu, scale
         if init is None:
@@ -146,9 +164,13 @@ class HeadState:
         self.step_index = torch.zeros(1, dtype=torch.long, device=device)
         self.running = torch.zeros(g, dtype=torch.float64, device=device)
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> None:
+    def step(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
+             count: torch.Tensor | None = None) -> None:
         """One SGD step of every grid point on the batch x [B, D] (raw features), y [B]; rows
-        with mask 0 are padding and count for nothing."""
+        with mask 0 are padding and count for nothing.
+
+        Sharded (torchrun): x holds this rank's rows of a global batch of `count` real rows; the
+        gradients are summed over the ranks, so every rank takes the same step."""
         cfg, c = self.config, self.num_classes
         g, b = self.weight.shape[0], x.shape[0]
         x = (x.float() - self.mu) / self.scale
@@ -159,9 +181,14 @@ class HeadState:
         per_row = -(target * logp).sum(2)  # [G, B]
         self.running += (per_row * mask).sum(1).double()
         # dLoss/dlogits of each point's mean loss over the real rows: (softmax - target) / n
-        grad = (logp.exp_() - target) * (mask / mask.sum())[None, :, None]
+        grad = (logp.exp_() - target) * (mask / (mask.sum() if count is None else count)
+                                          )[None, :, None]
         grad_w = (grad.transpose(0, 1).reshape(b, g * c).T @ x).reshape(g, c, -1)
-        self.update(grad_w, grad.sum(1))
+        grad_b = grad.sum(1)
+        if self.sharded:
+            all_sum(grad_w)
+            all_sum(grad_b)
+        self.update(grad_w, grad_b)
 
     def update(self, grad_w: torch.Tensor, grad_b: torch.Tensor) -> None:
         """The SGD update from the loss gradients (`grad_w` is consumed)."""
@@ -248,6 +275,38 @@ class Batches:
                 yield dx, dy, self.mask[k]
 
 
+class ShardBatches:
+    """This rank's part of each global batch under torchrun: (x [m, D], y [m], mask [m], count).
+
+    Every rank draws the same permutation of all `shard.total` rows, so batch k is the same
+    slice of it on every rank, as in a single process; this rank takes the rows of that slice it
+    holds (lo..hi), so the union over the ranks is exactly the single-process batch, and `count`
+    (its real rows, on the device) normalises the gradients that the ranks then sum.
+    """
+
+    def __init__(self, train: Features, batch_size: int, device: torch.device, shard: Shard):
+        self.train, self.batch_size, self.device, self.shard = train, batch_size, device, shard
+        self.steps = -(-shard.total // batch_size)
+        self.pad = self.steps * batch_size - shard.total
+        self.streamed = train.x.device != device
+
+    def epoch(self, perm: torch.Tensor):
+        lo, hi = self.shard.lo, self.shard.hi
+        rows = torch.cat([perm, perm.new_full((self.pad,), -1)]).reshape(self.steps,
+                                                                         self.batch_size)
+        mine = (rows >= lo) & (rows < hi)
+        counts = mine.sum(1).tolist()  # one host sync per epoch
+        real = (rows >= 0).sum(1).float()
+        local = (rows[mine] - lo).to(self.train.x.device)  # grouped by batch, in order
+        at = 0
+        for k, m in enumerate(counts):
+            idx = local[at:at + m]
+            at += m
+            x = self.train.x.index_select(0, idx).to(self.device, non_blocking=True)
+            y = self.train.y.index_select(0, idx).to(self.device, non_blocking=True)
+            yield x, y, torch.ones(m, device=self.device), real[k]
+
+
 def train_heads(
     train: Features,
     config: TrainConfig,
@@ -258,30 +317,41 @@ def train_heads(
     evals: dict[str, Features] | None = None,
     on_epoch: Callable[[int, list[dict]], None] | None = None,
     stream: bool | None = None,
+    batches=None,
+    shard: Shard | None = None,
 ) -> TrainResult:
     """Train every (lr, wd) point of `config.grid()` together; returns the stacked heads.
 
     `train.x` may live on the device (resident) or on the host (streamed batch by batch; the
-    default when it is not on `device`): the batches, and so the result, are the same.
+    default when it is not on `device`): the batches, and so the result, are the same. `batches`
+    replaces that batch source (the out-of-core one); `shard` says that `train` is this rank's
+    share of the rows under torchrun.
     """
     grid = config.grid()
-    d = train.x.shape[1]
-    mu, scale = feature_stats(train.x, device) if config.standardize else (
+    d = train.dim if hasattr(train, "dim") else train.x.shape[1]
+    mu, scale = feature_stats(train, device) if config.standardize else (
         torch.zeros(d, device=device), torch.ones(d, device=device))
-    batches = Batches(train, config.batch_size, device, stream)
+    if batches is None:
+        batches = ShardBatches(train, config.batch_size, device, shard) if shard else \
+            Batches(train, config.batch_size, device, stream)
     state = HeadState(config, num_classes=num_classes, dim=d, mu=mu, scale=scale,
-                      steps=batches.steps * config.epochs, device=device, init=init)
+                      steps=batches.steps * config.epochs, device=device, init=init,
+                      sharded=shard is not None)
     # The permutation is drawn on the training device in both modes, so resident and streamed
-    # runs see identical batches.
+    # runs see identical batches (an out-of-core source draws its own order, chunk by chunk).
     gen = torch.Generator(device=device).manual_seed(config.seed)
     result = TrainResult(state.weight, state.bias)
-    n = len(train)
+    n = shard.total if shard else len(train)
+    own_order = not isinstance(batches, Batches | ShardBatches)
     start = time.perf_counter()
     for epoch in range(config.epochs):
         t0 = time.perf_counter()
         state.running.zero_()
-        for x, y, mask in batches.epoch(torch.randperm(n, generator=gen, device=device)):
-            state.step(x, y, mask)
+        perm = None if own_order else torch.randperm(n, generator=gen, device=device)
+        for batch in batches.epoch(perm):
+            state.step(*batch)
+        if shard:
+            all_sum(state.running)
         losses = (state.running / n).tolist()  # the epoch's one read of the training metrics
         records = [{"epoch": epoch + 1, "lr": lr, "weight_decay": wd, "train_loss": loss}
                    for (lr, wd), loss in zip(grid, losses, strict=True)]
@@ -306,14 +376,24 @@ def feature_stats(x: torch.Tensor, device: torch.device, batch: int = 65536,
 
     The scale is the std, floored at `rel_floor` times the median std of the dimensions that
     vary: a near-constant dimension (a dead channel, float16 rounding noise) is not blown up to
-    unit variance, which would give it a huge weight in the raw head."""
-    total = torch.zeros(x.shape[1], dtype=torch.float64, device=device)
-    sq = torch.zeros_like(total)
-    for lo in range(0, x.shape[0], batch):
-        part = x[lo:lo + batch].to(device).double()
+    unit variance, which would give it a huge weight in the raw head.
+
+    `x`: a [N, D] tensor, or Features / a store-backed source (its blocks are read in turn);
+    under torchrun, the statistics of every rank's rows together."""
+    if isinstance(x, torch.Tensor):
+        d, blocks = x.shape[1], (x[lo:lo + batch] for lo in range(0, x.shape[0], batch))
+    else:
+        d = x.dim if hasattr(x, "dim") else x.x.shape[1]
+        blocks = (part for part, _ in x.blocks(batch))
+    sums = torch.zeros(2 * d + 1, dtype=torch.float64, device=device)
+    total, sq = sums[:d], sums[d:2 * d]
+    for part in blocks:
+        part = part.to(device).double()
         total += part.sum(0)
         sq += (part * part).sum(0)
-    n = max(x.shape[0], 1)
+        sums[-1] += part.shape[0]
+    all_sum(sums)
+    n = max(float(sums[-1]), 1.0)
     mean = total / n
     std = (sq / n - mean * mean).clamp_min(0).sqrt()
     varying = std[std > 0]
@@ -363,21 +443,17 @@ def diagnose(feats: Features, weight: torch.Tensor, bias: torch.Tensor, *,
 
     c = weight.shape[0]
     w, b = weight[None].to(device, torch.float32), bias[None].to(device, torch.float32)
-    preds = []
-    for lo in range(0, len(feats), 4096):
-        x = feats.x[lo:lo + 4096].to(device)
-        preds.append(logits_of(x, w, b)[0].argmax(1).cpu())
-    pred = torch.cat(preds).numpy()
-    true = feats.y.cpu().numpy()
-    confusion = np.zeros((c, c), dtype=np.int64)
-    np.add.at(confusion, (true, pred), 1)
+    counts = torch.zeros(c * c, dtype=torch.int64, device=device)  # true x predicted
+    for x, y in feats.blocks(4096):
+        pred = logits_of(x.to(device), w, b)[0].argmax(1)
+        counts += torch.bincount(y.to(device) * c + pred, minlength=c * c)
+    confusion = all_sum(counts).reshape(c, c).cpu().numpy()  # every rank's rows (torchrun)
     rows, cols = linear_sum_assignment(confusion, maximize=True)
     mapping = np.arange(c)
     mapping[rows] = cols  # true class t is predicted at old index mapping[t]
-    before = float((pred == true).mean())
-    inverse = np.empty(c, dtype=np.int64)
-    inverse[mapping] = np.arange(c)
-    after = float((inverse[pred] == true).mean())
+    n = max(int(confusion.sum()), 1)
+    before = float(np.trace(confusion)) / n
+    after = float(confusion[np.arange(c), mapping].sum()) / n
     present = confusion.sum(1) > 0
     clean = float((confusion.argmax(1) == mapping)[present].mean()) if present.any() else 0.0
     moved = int((mapping != np.arange(c))[present].sum())

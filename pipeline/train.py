@@ -5,16 +5,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import dist as Dist
 from . import head as H
 from . import store as S
 from .checkpoint import backbone_digest, load_checkpoint
@@ -22,6 +24,7 @@ from .cli import run_record
 from .errors import DataError, StoreError
 from .files import atomic_write, resolve_device
 from .report import plot_curves, write_jsonl
+from .streaming import StoreRows, WindowBatches, available_memory
 
 log = logging.getLogger("quickfix")
 
@@ -41,6 +44,7 @@ class TrainSummary:
     epochs: int
     candidates: int
     ms_per_epoch: float
+    ranks: int = 1
 
     def line(self) -> str:
         c = self.chosen
@@ -49,7 +53,7 @@ class TrainSummary:
         hold = f", holdout top-1 {c['holdout_top1']:.2%}" if "holdout_top1" in c else ""
         return (f"train_head: {describe(c)} chosen of {self.candidates}{hold}{val}; "
                 f"{self.epochs} epochs in {self.seconds:.2f} s ({self.ms_per_epoch:.1f} "
-                f"ms/epoch) -> {self.out}")
+                f"ms/epoch{f' on {self.ranks} ranks' if self.ranks > 1 else ''}) -> {self.out}")
 
 
 def describe(record: dict) -> str:
@@ -68,6 +72,9 @@ class Settings:
     holdout_fraction: float
     init: str
     stream: bool | None
+    from_store: bool | None = None  # out of core: None decides by the host memory available
+    buffer_bytes: int = 1 << 30
+    group: Dist.Group = field(default_factory=Dist.Group.single)
 
 
 @dataclass
@@ -78,10 +85,12 @@ class Inputs:
     group: object
     classes: list[str]
     components: dict
-    train: H.Features
-    evals: dict[str, H.Features]
+    train: H.Features | StoreRows
+    evals: dict[str, H.Features | StoreRows]
     old_head: tuple[torch.Tensor, torch.Tensor] | None
     resident: bool
+    batches: WindowBatches | None = None  # out of core: batches read from the store
+    shard: H.Shard | None = None  # under torchrun: this rank's rows
 
 
 @dataclass
@@ -95,21 +104,6 @@ class Outcome:
     diagnosis: H.Diagnosis | None
     seconds: float = 0.0
     ms_per_epoch: float = 0.0
-
-
-def load_split(group, split: str, masks: Sequence[np.ndarray | None] = (None,)
-               ) -> list[H.Features]:
-    """The usable rows of `split`, one Features per mask (None: all), reading the arrays once."""
-    g = group[split]
-    ok = g["ok"][:].astype(bool)
-    x = g["features"][:]
-    y = g["labels"][:].astype(np.int64)
-    out = []
-    for rows in masks:
-        keep = ok if rows is None else ok & rows
-        out.append(H.Features(torch.from_numpy(np.ascontiguousarray(x[keep])),
-                              torch.from_numpy(y[keep])))
-    return out
 
 
 def run_train(
@@ -128,25 +122,48 @@ def run_train(
     checkpoint: Path | None = None,
     init: str = "auto",
     stream: bool | None = None,
+    stream_from_store: bool | None = None,
+    stream_buffer_mb: float = 1024,
     trust_checkpoint: bool = False,
+    group: Dist.Group | None = None,
     argv: Sequence[str] | None = None,
 ) -> TrainSummary:
-    """validate -> load -> fit (diagnose, train the grid, choose) -> write."""
+    """validate -> load -> fit (diagnose, train the grid, choose) -> write.
+
+    Under torchrun (`group` joined) every rank holds a share of the rows, the gradients are
+    summed over the ranks, every rank ends with the same head, and rank 0 writes it."""
     settings = validate(epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
                         label_smoothing=label_smoothing, warmup_epochs=warmup_epochs,
                         device=device, seed=seed, holdout_fraction=holdout_fraction,
-                        checkpoint=checkpoint, init=init, stream=stream)
-    inputs = load(features, checkpoint, settings, trust_checkpoint)
-    outcome = fit(inputs, settings)
-    write(out, features, checkpoint, inputs, settings, outcome, argv)
+                        checkpoint=checkpoint, init=init, stream=stream,
+                        from_store=stream_from_store, buffer_mb=stream_buffer_mb,
+                        group=group or Dist.Group.single())
+    grp = settings.group
+    inputs = grp.agree(lambda: load(features, checkpoint, settings, trust_checkpoint))
+    outcome = grp.agree(lambda: fit(inputs, settings))
+    if grp.collective:
+        _check_same_head(grp, outcome)
+    if grp.main:
+        write(out, features, checkpoint, inputs, settings, outcome, argv)
     return TrainSummary(out, outcome.chosen, outcome.seconds, epochs, len(outcome.candidates),
-                        outcome.ms_per_epoch)
+                        outcome.ms_per_epoch, grp.world if grp.collective else 1)
+
+
+def _check_same_head(grp: Dist.Group, outcome: Outcome) -> None:
+    """Every rank took the same steps from the same summed gradients: say so, or stop."""
+    digest = hashlib.sha256(outcome.weight.numpy().tobytes() + outcome.bias.numpy().tobytes())
+    digests = [None] * grp.world
+    torch.distributed.all_gather_object(digests, digest.hexdigest())
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"the ranks ended with different heads: {digests}")
+    log.info("the %d ranks hold the same head (sha256 %s)", grp.world, digests[0][:12])
 
 
 def validate(*, epochs: int, lr: str, weight_decay: str, batch_size: int,
              label_smoothing: float, warmup_epochs: float, device: str, seed: int,
              holdout_fraction: float, checkpoint: Path | None, init: str,
-             stream: bool | None) -> Settings:
+             stream: bool | None, from_store: bool | None = None, buffer_mb: float = 1024,
+             group: Dist.Group | None = None) -> Settings:
     """Every value checked, before anything is read."""
     lrs = H.parse_grid(lr, "lr", allow_zero=False)
     wds = H.parse_grid(weight_decay, "weight-decay", allow_zero=True)
@@ -168,6 +185,12 @@ def validate(*, epochs: int, lr: str, weight_decay: str, batch_size: int,
     if epochs == 0 and (init == "zeros" or checkpoint is None):
         raise DataError("--epochs 0 trains nothing: it needs --checkpoint and --init auto or "
                         "old-head, so that the permuted old head is the fix")
+    if not (math.isfinite(buffer_mb) and buffer_mb > 0):
+        raise DataError(f"--stream-buffer {buffer_mb}: must be a positive number of MB")
+    group = group or Dist.Group.single()
+    if from_store and group.collective:
+        raise DataError("--stream-from-store runs in one process; under torchrun each rank "
+                        "holds its share of the rows in memory: add ranks until it fits")
     dev = resolve_device(device)
     if dev.type == "cuda":
         # cuBLAS needs this for bit-identical reruns (set before its first use)
@@ -175,7 +198,8 @@ def validate(*, epochs: int, lr: str, weight_decay: str, batch_size: int,
     config = H.TrainConfig(lrs=lrs, wds=wds, epochs=epochs, batch_size=batch_size,
                            label_smoothing=label_smoothing, warmup_epochs=warmup_epochs,
                            seed=seed)
-    return Settings(config, dev, holdout_fraction, init, stream)
+    return Settings(config, dev, holdout_fraction, init, stream, from_store,
+                    int(buffer_mb * 2**20), group)
 
 
 def load(features: Path, checkpoint: Path | None, settings: Settings, trust: bool) -> Inputs:
@@ -206,25 +230,71 @@ def load(features: Path, checkpoint: Path | None, settings: Settings, trust: boo
         old_head = _old_head(checkpoint, components, classes, dim, group.attrs.get("checkpoint"),
                              trust)
 
-    train, holdout = load_split(group, "train", (~holdout_mask, holdout_mask))
-    evals: dict[str, H.Features] = {}
-    if len(holdout):
-        evals["holdout"] = holdout
+    masks = {"train": ("train", ok_all & ~holdout_mask)}
+    if holdout_mask.any():
+        masks["holdout"] = ("train", holdout_mask)
     if "val" in splits:
-        (val,) = load_split(group, "val")
-        if len(val):
-            evals["val"] = val
-    dev = settings.device
-    resident = _fits([train, *evals.values()], dev) if settings.stream is None \
-        else not settings.stream
-    if resident:
-        train = H.Features(train.x.to(dev), train.y.to(dev))
-        evals = {k: H.Features(v.x.to(dev), v.y.to(dev)) for k, v in evals.items()}
-    # streamed: the rows stay where they are; each batch is gathered into a pinned buffer
-    log.info("train: %d rows (%s), holdout %d, val %d; %d classes, %d-d features on %s",
-             len(train), "resident" if resident else "streamed", int(holdout_mask.sum()),
-             len(evals["val"]) if "val" in evals else 0, len(classes), dim, dev)
-    return Inputs(group, classes, components, train, evals, old_head, resident)
+        val_ok = group["val"]["ok"][:].astype(bool)
+        if val_ok.any():
+            masks["val"] = ("val", val_ok)
+    grp, dev = settings.group, settings.device
+    counts = {k: int(mask.sum()) for k, (_, mask) in masks.items()}
+    shard = None
+    if grp.collective:  # this rank's share of each split's usable rows
+        total = int(masks["train"][1].sum())
+        bounds = np.array_split(np.arange(total), grp.world)[grp.rank]
+        shard = H.Shard(int(bounds[0]) if bounds.size else 0,
+                        int(bounds[-1]) + 1 if bounds.size else 0, total)
+        masks = {k: (split, _share(mask, grp)) for k, (split, mask) in masks.items()}
+    sources = {k: StoreRows(group, split, mask) for k, (split, mask) in masks.items()}
+    need = sum(src.nbytes for src in sources.values())
+    out_of_core = settings.from_store
+    if out_of_core is None:
+        out_of_core = need > 0.6 * available_memory()
+        if out_of_core and grp.collective:
+            raise DataError(f"this rank's share of the features ({need / 2**30:.1f} GiB) does "
+                            "not fit in its host memory: run more ranks (torchrun "
+                            "--nproc-per-node, --nnodes)")
+        if out_of_core:
+            log.info("the features (%.1f GiB) do not fit in host memory (%.1f GiB available): "
+                     "reading them from the store", need / 2**30, available_memory() / 2**30)
+    batches, where = None, None
+    if out_of_core:
+        train = sources.pop("train")
+        evals: dict = sources
+        batches = WindowBatches(train, settings.config.batch_size, dev,
+                                buffer_bytes=settings.buffer_bytes, seed=settings.config.seed)
+        resident = False
+        if components.get("row_order") is None:
+            log.warning("this store keeps its rows in folder order (made before row_order "
+                        "%s): out of core, a window of chunks holds few classes and the "
+                        "batches mix badly; rebuild it with extract_features.py --overwrite, "
+                        "or train in memory (--no-stream-from-store)", "permuted-v1")
+        where = (f"out of core: a window of {batches.window} chunks "
+                 f"({batches.window * train.chunk_rows} rows)")
+    else:
+        train = sources.pop("train").load()
+        evals = {k: src.load() for k, src in sources.items()}
+        resident = _fits([train, *evals.values()], dev) if settings.stream is None \
+            else not settings.stream
+        if resident:
+            train = H.Features(train.x.to(dev), train.y.to(dev))
+            evals = {k: H.Features(v.x.to(dev), v.y.to(dev)) for k, v in evals.items()}
+        # streamed: the rows stay where they are; each batch is gathered into a pinned buffer
+        where = "resident" if resident else "streamed"
+    ranks = f"; rank {grp.rank} of {grp.world} holds {len(train)}" if shard else ""
+    log.info("train: %d rows (%s%s), holdout %d, val %d; %d classes, %d-d features on %s",
+             counts["train"], where, ranks, counts.get("holdout", 0), counts.get("val", 0),
+             len(classes), dim, dev)
+    return Inputs(group, classes, components, train, evals, old_head, resident, batches, shard)
+
+
+def _share(mask: np.ndarray, grp: Dist.Group) -> np.ndarray:
+    """This rank's contiguous share of the rows `mask` selects."""
+    rows = np.array_split(np.flatnonzero(mask), grp.world)[grp.rank]
+    mine = np.zeros_like(mask)
+    mine[rows] = True
+    return mine
 
 
 def fit(inputs: Inputs, settings: Settings) -> Outcome:
@@ -262,7 +332,8 @@ def fit(inputs: Inputs, settings: Settings) -> Outcome:
 
         result = H.train_heads(inputs.train, config, num_classes=len(inputs.classes),
                                device=dev, init=init_tensors, evals=evals, on_epoch=progress,
-                               stream=not inputs.resident)
+                               stream=not inputs.resident, batches=inputs.batches,
+                               shard=inputs.shard)
         history = result.history
         candidates = [{**rec, "candidate": "grid"} for rec in history[-len(config.grid()):]]
         heads = list(zip(result.weight, result.bias, strict=True))
@@ -312,6 +383,8 @@ def write(out: Path, features: Path, checkpoint: Path | None, inputs: Inputs,
                   "feature_dim": int(components["feature_dim"])},
         "config": {**asdict(settings.config), "init": outcome.init,
                    "resident": inputs.resident, "device": settings.device.type,
+                   "out_of_core": inputs.batches is not None,
+                   "ranks": settings.group.world if inputs.shard else 1,
                    "holdout_fraction": settings.holdout_fraction},
         "metrics": outcome.chosen,
         "grid": outcome.candidates,

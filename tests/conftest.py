@@ -145,3 +145,22 @@ def extract_args(ckpt: Path, data: Path, out: Path, *extra: str) -> list[str]:
 @pytest.fixture(autouse=True)
 def _quiet_threads(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory):
+    """scikit-learn digits as JPEGs (with 3 broken files) through a ResNet-18, stage 1 for real."""
+    import extract_features
+    from pipeline.demo import make_images
+
+    root = tmp_path_factory.mktemp("digits")
+    make_images(root / "data")
+    model = make_model("resnet18", num_classes=10, seed=0)
+    ckpt = root / "checkpoint_best.pth"
+    torch.save(training_checkpoint(model, "resnet18"), ckpt)
+    store = root / "features.zarr"
+    rc = extract_features.main(["--checkpoint", str(ckpt), "--data-root", str(root / "data"),
+                                "--out", str(store), "--resize", "32", "--crop", "32",
+                                "--decoder", "pil", "--float32", "--batch-size", "256"])
+    assert rc == 0
+    return {"root": root, "ckpt": ckpt, "store": store, "model": model}

@@ -1,0 +1,176 @@
+"""Stage 2 out of core: the features are read from the store a chunk at a time, never whole.
+
+Each epoch sees every train row once, in an order shuffled on two levels, as WebDataset's and
+tf.data's shuffle buffers do: the storage chunks are taken in a fresh random order, and the rows of
+a window of `window` consecutive chunks (in that order) are shuffled together before they are cut
+into batches; the rows left over at a window's end are carried into the next one, so every batch
+but the epoch's last is full. Host memory holds the window (twice while it is assembled), the
+chunks read ahead, and the labels (4 bytes a row). The order comes from `numpy.random.Generator`
+seeded with --seed: the same seed gives the same batches, hence the same head.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .head import Features
+
+READ_AHEAD = 2  # chunks read in the background while the previous ones are used
+
+
+class StoreRows:
+    """The rows of one split of the store that `mask` selects, read chunk by chunk.
+
+    `blocks()` yields them as (x, y) host tensors, one chunk at a time in store order (what
+    evaluation and the feature statistics need); `load()` reads them into memory."""
+
+    def __init__(self, group, split: str, mask: np.ndarray):
+        g = group[split]
+        self.split = split
+        self.array = g["features"]
+        self.chunk_rows = int(g.attrs["chunk_rows"])
+        self.labels = g["labels"][:]
+        self.mask = mask
+        n_all = mask.shape[0]
+        starts = np.arange(0, n_all, self.chunk_rows)
+        counts = np.add.reduceat(mask.astype(np.int64), starts) if n_all else np.zeros(0, int)
+        self.chunks = [int(c) for c in np.flatnonzero(counts)]
+        self.rows = int(counts.sum())
+        self.dim = int(self.array.shape[1])
+        self.dtype = torch.from_numpy(np.zeros(0, self.array.dtype)).dtype
+        self.y = torch.from_numpy(self.labels[mask].astype(np.int64))
+
+    def __len__(self) -> int:
+        return self.rows
+
+    @property
+    def chunk_bytes(self) -> int:
+        return self.chunk_rows * self.dim * self.dtype.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * self.dim * self.dtype.itemsize
+
+    def read(self, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+        """The selected rows of one storage chunk (features, labels)."""
+        lo = chunk * self.chunk_rows
+        x = self.array[lo:lo + self.chunk_rows]
+        keep = self.mask[lo:lo + len(x)]
+        return x[keep], self.labels[lo:lo + len(x)][keep].astype(np.int64)
+
+    def chunks_in(self, order: Sequence[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(x, y) of each chunk of `order`, read READ_AHEAD chunks ahead on a thread."""
+        with ThreadPoolExecutor(1, thread_name_prefix="quickfix-read") as pool:
+            todo = iter(order)
+            pending = deque(pool.submit(self.read, c) for c in itertools.islice(todo, READ_AHEAD))
+            while pending:
+                part = pending.popleft().result()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    pending.append(pool.submit(self.read, nxt))
+                yield part
+                del part
+
+    def blocks(self, size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in self.chunks_in(self.chunks):
+            yield torch.from_numpy(x), torch.from_numpy(y)
+
+    def load(self) -> Features:
+        """Every selected row in memory, filled chunk by chunk (no second copy of the split)."""
+        x = torch.empty(self.rows, self.dim, dtype=self.dtype)
+        at = 0
+        for part, _ in self.chunks_in(self.chunks):
+            x[at:at + len(part)] = torch.from_numpy(part)
+            at += len(part)
+        return Features(x, self.y)
+
+
+class WindowBatches:
+    """The out-of-core batches of an epoch: (x [B, D], y [B], mask [B]) on the device, the last
+    one padded (mask 0), in the two-level shuffled order described above."""
+
+    def __init__(self, rows: StoreRows, batch_size: int, device: torch.device, *,
+                 buffer_bytes: int, seed: int):
+        self.rows, self.batch_size, self.device = rows, batch_size, device
+        self.steps = -(-len(rows) // batch_size)
+        # the window is held twice while it is assembled, and READ_AHEAD chunks are in flight
+        self.window = max(1, (buffer_bytes // max(rows.chunk_bytes, 1) - READ_AHEAD) // 2)
+        self.rng = np.random.default_rng(seed)
+        self.streamed = True
+
+    def epoch(self, perm=None):
+        """The epoch's batches (`perm`, a device permutation, is not used: the order is drawn
+        here, on the host, chunk by chunk)."""
+        order = self.rng.permutation(np.asarray(self.rows.chunks, dtype=np.int64)).tolist()
+        carry: list[tuple[np.ndarray, np.ndarray]] = []
+        window: list[tuple[np.ndarray, np.ndarray]] = []
+        for part in self.rows.chunks_in(order):
+            window.append(part)
+            del part
+            if len(window) == self.window:
+                yield from self._cut(carry, window, last=False)
+        yield from self._cut(carry, window, last=True)
+
+    def _cut(self, carry: list, window: list, *, last: bool):
+        """Shuffle the carried rows and the window's together, yield the full batches (and on
+        the last window the rest), and carry the rest over; both lists are emptied first, so
+        the chunks are held once the window is assembled."""
+        parts = carry + window
+        carry.clear()
+        window.clear()
+        if not parts:
+            return
+        x = np.concatenate([p[0] for p in parts])
+        y = np.concatenate([p[1] for p in parts])
+        del parts
+        order = self.rng.permutation(len(x))
+        b = self.batch_size
+        full = len(x) // b * b
+        for lo in range(0, full, b):
+            yield self._batch(x, y, order[lo:lo + b])
+        rest = order[full:]
+        if not len(rest):
+            return
+        if last:
+            yield self._batch(x, y, rest)
+        else:
+            carry.append((x[rest], y[rest]))
+
+    def _batch(self, x: np.ndarray, y: np.ndarray, rows: np.ndarray):
+        n, b = len(rows), self.batch_size
+        bx = torch.zeros(b, x.shape[1], dtype=self.rows.dtype)
+        bx[:n] = torch.from_numpy(x[rows])
+        by = torch.zeros(b, dtype=torch.long)
+        by[:n] = torch.from_numpy(y[rows])
+        mask = torch.zeros(b)
+        mask[:n] = 1
+        return bx.to(self.device), by.to(self.device), mask.to(self.device)
+
+
+def available_memory() -> int:
+    """Bytes this process may still use: MemAvailable, or the cgroup's limit if lower."""
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if avail is None:
+        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            avail = min(avail, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return max(avail, 0)
