@@ -205,44 +205,30 @@ class Engine:
         return out, ready, release
 
 
-def run_extract(
-    *,
-    checkpoint: Path,
-    data_root: Path,
-    out: Path,
-    splits: Sequence[str] | None = None,
-    class_order: Path | None = None,
-    arch: str | None = None,
-    resize: int | None = None,
-    crop: int | None = None,
-    batch_size: int = 128,
-    device: str = "auto",
-    decoder: str = "auto",
-    precision: str = "auto",
-    float32: bool = False,
-    chunk_rows: int = 1024,
-    num_threads: int | None = None,
-    read_workers: int | None = None,
-    progress_every: float = 30.0,
-    overwrite: bool = False,
-    trust_checkpoint: bool = False,
-    use_ema: bool | None = None,
-    head: str | None = None,
-    rank: int = 0,
-    world_size: int = 1,
-    group: Dist.Group | None = None,
-    argv: Sequence[str] | None = None,
-) -> ExtractSummary:
-    """Extract the features of every image of `data_root`'s splits into the store `out`.
+@dataclass
+class Job:
+    """What stage 1 settles before it touches the store: the inputs checked, the model ready,
+    the files scanned, and the store's identity."""
 
-    Under torchrun (`group` joined), rank 0 creates or opens the store, every rank waits for it
-    on a collective, and rank 0 shares the chunks left to do among the ranks; the job's progress
-    and summary are rank 0's. Without it, `rank`/`world_size` (RANK/WORLD_SIZE set by hand) take
-    a fixed share of the chunks with no coordination, for independent jobs.
-    """
-    grp = group or Dist.Group.single()
-    if grp.collective:
-        rank, world_size = grp.rank, grp.world
+    scanned: list[D.Split]
+    components: dict
+    create_kwargs: dict
+    model: Model
+    pre: M.Preprocess
+    dev: torch.device
+    decoder: str
+    precision: str
+    out_dtype: np.dtype
+    batch_size: int
+    chunk_rows: int
+    num_threads: int
+    read_workers: int
+
+
+def _prepare(*, checkpoint: Path, data_root: Path, out: Path, splits, class_order, arch, resize,
+             crop, batch_size: int, device: str, decoder: str, precision: str, float32: bool,
+             chunk_rows: int, num_threads, read_workers, trust_checkpoint: bool, use_ema, head,
+             rank: int, world_size: int, argv) -> Job:
     # --- validate everything before any heavy work -------------------------------------------
     if batch_size < 1 or chunk_rows < 1:
         raise DataError("--batch-size and --chunk-rows must be at least 1")
@@ -330,6 +316,58 @@ def run_extract(
                                     "weights": ckpt.source_key, "ema": ckpt.use_ema},
                      "class_audit": {"source": order.source, "warnings": order.warnings}},
     )
+    return Job(scanned, components, create_kwargs, model, pre, dev, decoder, precision,
+               out_dtype, batch_size, chunk_rows, num_threads, read_workers)
+
+
+def run_extract(
+    *,
+    checkpoint: Path,
+    data_root: Path,
+    out: Path,
+    splits: Sequence[str] | None = None,
+    class_order: Path | None = None,
+    arch: str | None = None,
+    resize: int | None = None,
+    crop: int | None = None,
+    batch_size: int = 128,
+    device: str = "auto",
+    decoder: str = "auto",
+    precision: str = "auto",
+    float32: bool = False,
+    chunk_rows: int = 1024,
+    num_threads: int | None = None,
+    read_workers: int | None = None,
+    progress_every: float = 30.0,
+    overwrite: bool = False,
+    trust_checkpoint: bool = False,
+    use_ema: bool | None = None,
+    head: str | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    group: Dist.Group | None = None,
+    argv: Sequence[str] | None = None,
+) -> ExtractSummary:
+    """Extract the features of every image of `data_root`'s splits into the store `out`.
+
+    Under torchrun (`group` joined), rank 0 creates or opens the store, every rank waits for it
+    on a collective, and rank 0 shares the chunks left to do among the ranks; the job's progress
+    and summary are rank 0's. Without it, `rank`/`world_size` (RANK/WORLD_SIZE set by hand) take
+    a fixed share of the chunks with no coordination, for independent jobs.
+    """
+    grp = group or Dist.Group.single()
+    if grp.collective:
+        rank, world_size = grp.rank, grp.world
+    # every rank prepares; a user error on any of them stops all with one line (rank 0's)
+    job = grp.agree(lambda: _prepare(
+        checkpoint=checkpoint, data_root=data_root, out=out, splits=splits,
+        class_order=class_order, arch=arch, resize=resize, crop=crop, batch_size=batch_size,
+        device=device, decoder=decoder, precision=precision, float32=float32,
+        chunk_rows=chunk_rows, num_threads=num_threads, read_workers=read_workers,
+        trust_checkpoint=trust_checkpoint, use_ema=use_ema, head=head, rank=rank,
+        world_size=world_size, argv=argv))
+    scanned, components, chunk_rows = job.scanned, job.components, job.chunk_rows
+    create_kwargs = job.create_kwargs
     if grp.collective:
         # rank 0 creates (or checks) the store while the others wait on the collective; then
         # every rank opens it and checks that it was made from the same inputs as its own
@@ -362,9 +400,7 @@ def run_extract(
     start = time.perf_counter()
     with Progress(total, "extract", interval=progress_every, show=grp.main) as progress:
         if summary.images:
-            _run_rank(scanned, todo, chunk_rows, batch_size, pre, decoder, dev, precision,
-                      num_threads, read_workers, model, group, out_dtype, summary, progress,
-                      grp)
+            _run_rank(job, todo, group, summary, progress, grp)
         if grp.collective:
             _gather(grp, summary, progress)
     summary.seconds = time.perf_counter() - start
@@ -412,16 +448,18 @@ def _gather(grp: Dist.Group, summary: ExtractSummary, progress: Progress) -> Non
     summary.images = sum(summary.splits.values())
 
 
-def _run_rank(scanned, todo, chunk_rows, batch_size, pre, decoder, dev, precision, num_threads,
-              read_workers, model, group, out_dtype, summary, progress, grp) -> None:
+def _run_rank(job: Job, todo: dict[str, list[int]], group, summary: ExtractSummary,
+              progress: Progress, grp: Dist.Group) -> None:
     """This process's chunks: decode, forward, write."""
+    scanned, chunk_rows, batch_size, pre = job.scanned, job.chunk_rows, job.batch_size, job.pre
+    dev, precision, num_threads, model = job.dev, job.precision, job.num_threads, job.model
     plan = R.plan_batches([(i, c, len(s.files)) for i, s in enumerate(scanned)
                            for c in todo[s.name]], chunk_rows, batch_size)
     roots, files = [s.root for s in scanned], [s.files for s in scanned]
-    if decoder == "dali":
+    if job.decoder == "dali":
         reader = R.DaliReader(roots, files, plan, pre, device=dali_device(dev),
                               batch_size=batch_size, num_threads=num_threads,
-                              workers=read_workers,
+                              workers=job.read_workers,
                               device_id=(dev.index or 0) if dev.type == "cuda" else None,
                               half=dev.type == "cuda" and precision != "fp32")
     else:
@@ -432,9 +470,9 @@ def _run_rank(scanned, todo, chunk_rows, batch_size, pre, decoder, dev, precisio
         model.backbone.to(dev)
         if dev.type == "cuda":
             model.backbone.to(memory_format=torch.channels_last)
-        engine = Engine(model, dev, precision, out_dtype, batch_size)
-        _run_batches(reader, engine, group, scanned, chunk_rows, out_dtype, summary, progress,
-                     grp)
+        engine = Engine(model, dev, precision, job.out_dtype, batch_size)
+        _run_batches(reader, engine, group, scanned, chunk_rows, job.out_dtype, summary,
+                     progress, grp)
     finally:
         reader.close()
     summary.profile["recovered_batches"] = reader.recovered_batches

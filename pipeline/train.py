@@ -132,13 +132,13 @@ def run_train(
 
     Under torchrun (`group` joined) every rank holds a share of the rows, the gradients are
     summed over the ranks, every rank ends with the same head, and rank 0 writes it."""
-    settings = validate(epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
-                        label_smoothing=label_smoothing, warmup_epochs=warmup_epochs,
-                        device=device, seed=seed, holdout_fraction=holdout_fraction,
-                        checkpoint=checkpoint, init=init, stream=stream,
-                        from_store=stream_from_store, buffer_mb=stream_buffer_mb,
-                        group=group or Dist.Group.single())
-    grp = settings.group
+    grp = group or Dist.Group.single()
+    # a user error on any rank stops every rank, with one line (rank 0's)
+    settings = grp.agree(lambda: validate(
+        epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
+        label_smoothing=label_smoothing, warmup_epochs=warmup_epochs, device=device, seed=seed,
+        holdout_fraction=holdout_fraction, checkpoint=checkpoint, init=init, stream=stream,
+        from_store=stream_from_store, buffer_mb=stream_buffer_mb, group=grp))
     inputs = grp.agree(lambda: load(features, checkpoint, settings, trust_checkpoint))
     outcome = grp.agree(lambda: fit(inputs, settings))
     if grp.collective:

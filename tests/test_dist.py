@@ -81,6 +81,11 @@ def test_a_user_error_stops_every_rank_with_one_line(tmp_path, bigger_tree, ckpt
     assert errors == [f"error: {out} was made from other inputs (differs in: "
                       "preprocessing.crop); pass --overwrite to replace it, or choose another "
                       "--out"]
+    early = torchrun(2, "extract_features.py", extract_args(ckpt, bigger_tree, out, "--batch-size",
+                                                            "0"))
+    assert early.returncode != 0
+    assert [line for line in ours(early.stderr) if line.startswith("error: ")] == [
+        "error: --batch-size and --chunk-rows must be at least 1"]
 
 
 def _worker(agent: int, local_rank: int) -> int | None:
@@ -138,3 +143,39 @@ def test_a_killed_rank_is_finished_by_the_rerun(tmp_path, photos):
     assert a["features"].tobytes() == b["features"].tobytes()
     for k in ("labels", "files", "ok", "reasons"):
         np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_stage2_on_two_ranks_equals_one(tmp_path, digits):
+    """Each rank holds half of the rows; the summed gradients give every rank the single-process
+    head, up to float32 summation order."""
+    args = ["--features", str(digits["store"]), "--checkpoint", str(digits["ckpt"]),
+            "--epochs", "5", "--lr", "0.1,1", "--weight-decay", "0,0.0001"]
+    one = single("train_head.py", [*args, "--out", str(tmp_path / "one.pt")])
+    assert one.returncode == 0, one.stderr
+    two = torchrun(2, "train_head.py", [*args, "--out", str(tmp_path / "two.pt")])
+    assert two.returncode == 0, two.stderr
+    assert "the 2 ranks hold the same head" in two.stderr
+    summary = [line for line in ours(two.stderr) if line.startswith("train_head: ")]
+    assert len(summary) == 1 and "on 2 ranks" in summary[0]
+    a = torch.load(tmp_path / "one.pt", weights_only=True)
+    b = torch.load(tmp_path / "two.pt", weights_only=True)
+    assert b["config"]["ranks"] == 2 and a["config"]["ranks"] == 1
+    scale = float(a["weight"].abs().max())
+    torch.testing.assert_close(b["weight"], a["weight"], rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close(b["bias"], a["bias"], rtol=0, atol=1e-5 * scale)
+    assert a["diagnosis"] == b["diagnosis"]  # the confusion matrix summed over the ranks
+    for ra, rb in zip(a["grid"], b["grid"], strict=True):
+        assert ra["candidate"] == rb["candidate"] and ra["lr"] == rb["lr"]
+        for k in ("holdout_top1", "val_top1", "val_top5"):
+            assert rb[k] == pytest.approx(ra[k], abs=1.5 / 359)  # an image, at most, flips
+    assert b["metrics"]["lr"] == a["metrics"]["lr"]
+
+
+def test_stage2_under_torchrun_refuses_out_of_core_in_one_line(tmp_path, digits):
+    run = torchrun(2, "train_head.py", ["--features", str(digits["store"]), "--out",
+                                        str(tmp_path / "h.pt"), "--stream-from-store"])
+    assert run.returncode != 0
+    errors = [line for line in ours(run.stderr) if line.startswith("error: ")]
+    assert errors == ["error: --stream-from-store runs in one process; under torchrun each rank "
+                      "holds its share of the rows in memory: add ranks until it fits"]
+    assert not (tmp_path / "h.pt").exists()
