@@ -422,6 +422,10 @@ def _share_chunks(group, scanned: list[D.Split], world: int) -> dict[str, list[l
             log.info("%s: %d of %d chunks already done; %d ranks share the other %d", s.name,
                      done.size - left.size, done.size, world, left.size)
         shares[s.name] = [part.tolist() for part in np.array_split(left, world)]
+        if 0 < left.size < world:
+            log.warning("%s: %d chunks left for %d ranks, so %d ranks have nothing to do; a "
+                        "smaller --chunk-rows (now %d) gives every rank a share", s.name,
+                        left.size, world, world - left.size, group[s.name].attrs["chunk_rows"])
     return shares
 
 

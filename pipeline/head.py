@@ -94,26 +94,40 @@ def evaluate(feats: Features, weight: torch.Tensor, bias: torch.Tensor, *, devic
              batch_size: int = 4096) -> list[dict]:
     """top-1, top-5 and mean cross-entropy of every grid point on `feats` (under torchrun, on
     the union of the ranks' shards)."""
-    g, c, _ = weight.shape
-    k = min(5, c)
-    # top-1 hits, top-5 hits, summed loss per point, then the row count
-    sums = torch.zeros(3 * g + 1, dtype=torch.float64, device=device)
-    top1, top5, loss = sums[:g], sums[g:2 * g], sums[2 * g:3 * g]
+    scores = Scores(weight, bias, device)
     for x, y in feats.blocks(batch_size):
-        x = x.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True)
-        sums[-1] += y.shape[0]
-        logits = logits_of(x, weight, bias)  # [G, B, C]
-        pred = logits.topk(k, dim=2).indices
-        hit = pred == y[None, :, None]
-        top1 += hit[:, :, 0].sum(1)
-        top5 += hit.any(2).sum(1)
-        loss += torch.nn.functional.cross_entropy(
+        scores.add(x, y)
+    return scores.result()
+
+
+class Scores:
+    """Accumulates top-1, top-5 and cross-entropy of every grid point, block by block."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, device: torch.device):
+        self.weight, self.bias, self.device = weight, bias, device
+        g = weight.shape[0]
+        # top-1 hits, top-5 hits, summed loss per point, then the row count
+        self.sums = torch.zeros(3 * g + 1, dtype=torch.float64, device=device)
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        g, c, _ = self.weight.shape
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        logits = logits_of(x, self.weight, self.bias)  # [G, B, C]
+        hit = logits.topk(min(5, c), dim=2).indices == y[None, :, None]
+        self.sums[:g] += hit[:, :, 0].sum(1)
+        self.sums[g:2 * g] += hit.any(2).sum(1)
+        self.sums[2 * g:3 * g] += torch.nn.functional.cross_entropy(
             logits.reshape(-1, c), y.repeat(g), reduction="none").reshape(g, -1).sum(1)
-    all_sum(sums)
-    denom = max(float(sums[-1]), 1.0)
-    return [{"top1": float(a) / denom, "top5": float(b) / denom, "loss": float(lo_) / denom}
-            for a, b, lo_ in zip(top1.tolist(), top5.tolist(), loss.tolist(), strict=True)]
+        self.sums[-1] += y.shape[0]
+
+    def result(self) -> list[dict]:
+        g = self.weight.shape[0]
+        sums = all_sum(self.sums).tolist()
+        denom = max(sums[-1], 1.0)
+        return [{"top1": sums[i] / denom, "top5": sums[g + i] / denom,
+                 "loss": sums[2 * g + i] / denom} for i in range(g)]
 
 
 class HeadState:
@@ -343,26 +357,52 @@ def train_heads(
     result = TrainResult(state.weight, state.bias)
     n = shard.total if shard else len(train)
     own_order = not isinstance(batches, Batches | ShardBatches)
+    # An out-of-core source reads the holdout's chunks in its pass anyway: it scores them there,
+    # with the head as the pass starts (the last epoch's), so the store is read once per epoch;
+    # an epoch's records are complete one pass later (the last one by a pass of its own).
+    side = getattr(batches, "side_name", None)
+    pending: list[dict] | None = None
+
+    def finish(records: list[dict], scores: Scores | None) -> None:
+        if scores is not None:
+            for rec, m in zip(records, scores.result(), strict=True):
+                rec.update({f"{side}_{k}": v for k, v in m.items()})
+        result.history.extend(records)
+        if on_epoch is not None:
+            on_epoch(records[0]["epoch"], records)
+
     start = time.perf_counter()
     for epoch in range(config.epochs):
         t0 = time.perf_counter()
         state.running.zero_()
         perm = None if own_order else torch.randperm(n, generator=gen, device=device)
-        for batch in batches.epoch(perm):
+        scores = Scores(*state.raw(), device) if pending is not None else None
+        for batch in batches.epoch(perm, scores.add if scores else None) if side else \
+                batches.epoch(perm):
             state.step(*batch)
         if shard:
             all_sum(state.running)
+        if pending is not None:
+            finish(pending, scores)
         losses = (state.running / n).tolist()  # the epoch's one read of the training metrics
         records = [{"epoch": epoch + 1, "lr": lr, "weight_decay": wd, "train_loss": loss}
                    for (lr, wd), loss in zip(grid, losses, strict=True)]
         raw_w, raw_b = state.raw()
         for name, feats in (evals or {}).items():
+            if name == side:
+                continue
             for rec, m in zip(records, evaluate(feats, raw_w, raw_b, device=device), strict=True):
                 rec.update({f"{name}_{k}": v for k, v in m.items()})
+        if side:
+            pending = records
+        else:
+            finish(records, None)
         result.epoch_seconds.append(time.perf_counter() - t0)
-        result.history += records
-        if on_epoch is not None:
-            on_epoch(epoch + 1, records)
+    if pending is not None:  # the last epoch's holdout: a pass of its own
+        scores = Scores(*state.raw(), device)
+        for x, y in evals[side].blocks():
+            scores.add(x, y)
+        finish(pending, scores)
     result.seconds = time.perf_counter() - start
     raw_w, raw_b = state.raw()
     result.weight, result.bias = raw_w.cpu(), raw_b.cpu()
@@ -370,7 +410,7 @@ def train_heads(
 
 
 @torch.no_grad()
-def feature_stats(x: torch.Tensor, device: torch.device, batch: int = 65536,
+def feature_stats(x: torch.Tensor, device: torch.device, batch: int = 8192,
                   rel_floor: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-dimension mean and scale over rows (float64 sums, in batches).
 

@@ -30,23 +30,29 @@ class StoreRows:
     """The rows of one split of the store that `mask` selects, read chunk by chunk.
 
     `blocks()` yields them as (x, y) host tensors, one chunk at a time in store order (what
-    evaluation and the feature statistics need); `load()` reads them into memory."""
+    evaluation and the feature statistics need); `load()` reads them into memory. With `side`
+    (another mask), the chunks read also carry those rows, flagged (the holdout, scored in the
+    training pass); `len` and `nbytes` count the rows of `mask` only."""
 
-    def __init__(self, group, split: str, mask: np.ndarray):
+    def __init__(self, group, split: str, mask: np.ndarray, side: np.ndarray | None = None):
         g = group[split]
         self.split = split
         self.array = g["features"]
         self.chunk_rows = int(g.attrs["chunk_rows"])
         self.labels = g["labels"][:]
+        self.side = side
+        self.rows = int(mask.sum())
+        if side is not None:
+            mask = mask | side
         self.mask = mask
         n_all = mask.shape[0]
         starts = np.arange(0, n_all, self.chunk_rows)
         counts = np.add.reduceat(mask.astype(np.int64), starts) if n_all else np.zeros(0, int)
         self.chunks = [int(c) for c in np.flatnonzero(counts)]
-        self.rows = int(counts.sum())
         self.dim = int(self.array.shape[1])
         self.dtype = torch.from_numpy(np.zeros(0, self.array.dtype)).dtype
-        self.y = torch.from_numpy(self.labels[mask].astype(np.int64))
+        self.y = torch.from_numpy(self.labels[mask if side is None else mask & ~side]
+                                  .astype(np.int64))
 
     def __len__(self) -> int:
         return self.rows
@@ -59,12 +65,16 @@ class StoreRows:
     def nbytes(self) -> int:
         return self.rows * self.dim * self.dtype.itemsize
 
-    def read(self, chunk: int) -> tuple[np.ndarray, np.ndarray]:
-        """The selected rows of one storage chunk (features, labels)."""
+    def read(self, chunk: int) -> tuple:
+        """The selected rows of one storage chunk: (features, labels), and with `side` the
+        side rows' flags."""
         lo = chunk * self.chunk_rows
         x = self.array[lo:lo + self.chunk_rows]
         keep = self.mask[lo:lo + len(x)]
-        return x[keep], self.labels[lo:lo + len(x)][keep].astype(np.int64)
+        part = (x[keep], self.labels[lo:lo + len(x)][keep].astype(np.int64))
+        if self.side is None:
+            return part
+        return (*part, self.side[lo:lo + len(x)][keep])
 
     def chunks_in(self, order: Sequence[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(x, y) of each chunk of `order`, read READ_AHEAD chunks ahead on a thread."""
@@ -98,21 +108,30 @@ class WindowBatches:
     one padded (mask 0), in the two-level shuffled order described above."""
 
     def __init__(self, rows: StoreRows, batch_size: int, device: torch.device, *,
-                 buffer_bytes: int, seed: int):
+                 buffer_bytes: int, seed: int, side_name: str | None = None):
         self.rows, self.batch_size, self.device = rows, batch_size, device
         self.steps = -(-len(rows) // batch_size)
         # the window is held twice while it is assembled, and READ_AHEAD chunks are in flight
         self.window = max(1, (buffer_bytes // max(rows.chunk_bytes, 1) - READ_AHEAD) // 2)
         self.rng = np.random.default_rng(seed)
+        self.full = torch.ones(batch_size, device=device)
         self.streamed = True
+        self.side_name = side_name if rows.side is not None else None
 
-    def epoch(self, perm=None):
+    def epoch(self, perm=None, side=None):
         """The epoch's batches (`perm`, a device permutation, is not used: the order is drawn
-        here, on the host, chunk by chunk)."""
+        here, on the host, chunk by chunk). The side rows of each chunk (the holdout) go to
+        `side(x, y)` as the chunk arrives, and never into a batch."""
         order = self.rng.permutation(np.asarray(self.rows.chunks, dtype=np.int64)).tolist()
         carry: list[tuple[np.ndarray, np.ndarray]] = []
         window: list[tuple[np.ndarray, np.ndarray]] = []
         for part in self.rows.chunks_in(order):
+            if self.rows.side is not None:
+                x, y, flag = part
+                if side is not None and flag.any():
+                    side(torch.from_numpy(x[flag]), torch.from_numpy(y[flag]))
+                part = (x[~flag], y[~flag]) if flag.any() else (x, y)
+                del x, y
             window.append(part)
             del part
             if len(window) == self.window:
@@ -146,6 +165,9 @@ class WindowBatches:
 
     def _batch(self, x: np.ndarray, y: np.ndarray, rows: np.ndarray):
         n, b = len(rows), self.batch_size
+        if n == b:  # one gather, no padding
+            return (torch.from_numpy(x[rows]).to(self.device),
+                    torch.from_numpy(y[rows]).to(self.device), self.full)
         bx = torch.zeros(b, x.shape[1], dtype=self.rows.dtype)
         bx[:n] = torch.from_numpy(x[rows])
         by = torch.zeros(b, dtype=torch.long)

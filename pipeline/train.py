@@ -262,8 +262,12 @@ def load(features: Path, checkpoint: Path | None, settings: Settings, trust: boo
     if out_of_core:
         train = sources.pop("train")
         evals: dict = sources
-        batches = WindowBatches(train, settings.config.batch_size, dev,
-                                buffer_bytes=settings.buffer_bytes, seed=settings.config.seed)
+        # the holdout rows share the train chunks: scored in the training pass (read once)
+        side = masks["holdout"][1] if "holdout" in masks else None
+        batches = WindowBatches(StoreRows(group, "train", masks["train"][1], side=side),
+                                settings.config.batch_size, dev,
+                                buffer_bytes=settings.buffer_bytes, seed=settings.config.seed,
+                                side_name="holdout")
         resident = False
         if components.get("row_order") is None:
             log.warning("this store keeps its rows in folder order (made before row_order "

@@ -120,3 +120,31 @@ def test_bad_buffer_is_refused(tmp_path, chunked, capsys):
                             "--stream-from-store", "--stream-buffer", "0"]) == 2
     assert "--stream-buffer 0.0: must be a positive number of MB" in capsys.readouterr().err
     assert not (tmp_path / "h.pt").exists()
+
+
+def test_holdout_scored_in_the_training_pass_equals_its_own_pass(chunked):
+    """Out of core, the holdout rows are scored as their chunks pass by in the next epoch (the
+    store is read once per epoch): the same numbers as scoring them in a pass of their own."""
+    group = S.open_store(chunked)
+    ok = group["train"]["ok"][:].astype(bool)
+    labels = group["train"]["labels"][:]
+    hold = H.holdout_split(np.where(ok, labels, -1), 0.1, 0) & ok
+    train = ok & ~hold
+    cfg = H.TrainConfig(lrs=[0.03, 0.3], wds=[0.0], epochs=3, batch_size=64, seed=0)
+    dev = torch.device("cpu")
+    runs = []
+    for side in (hold, None):
+        src = StoreRows(group, "train", train, side=side)
+        batches = WindowBatches(src, 64, dev, buffer_bytes=10 * src.chunk_bytes, seed=0,
+                                side_name="holdout")
+        runs.append(H.train_heads(StoreRows(group, "train", train), cfg, num_classes=10,
+                                  device=dev, evals={"holdout": StoreRows(group, "train", hold)},
+                                  batches=batches))
+    fused, separate = runs
+    assert torch.equal(fused.weight, separate.weight)  # the same batches either way
+    assert len(fused.history) == len(separate.history) == 6
+    for a, b in zip(fused.history, separate.history, strict=True):
+        assert (a["epoch"], a["lr"]) == (b["epoch"], b["lr"])
+        assert a["holdout_top1"] == b["holdout_top1"] and a["holdout_top5"] == b["holdout_top5"]
+        assert a["holdout_loss"] == pytest.approx(b["holdout_loss"], rel=1e-9)
+        assert a["train_loss"] == b["train_loss"]
