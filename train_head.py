@@ -52,11 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "bounded buffer, instead of loading them into host memory (default: "
                         "when they do not fit in the host memory available)")
     parser.add_argument("--stream-buffer", type=float, metavar="MB",
-                        help="host memory for the out-of-core shuffle window and read-ahead")
+                        help="host memory for the out-of-core shuffle window and read-ahead "
+                        "(a larger window reads less in step with the training: on 2 CPU cores "
+                        "64 MB gave the shortest epochs, BENCHMARKS.md)")
     parser.set_defaults(epochs=5, lr=DEFAULT_LR, weight_decay=DEFAULT_WD,
                         batch_size=256, label_smoothing=0.0, warmup_epochs=1.0, seed=0,
                         holdout_fraction=0.1, init="auto", stream=None,
-                        stream_from_store=None, stream_buffer=1024)
+                        stream_from_store=None, stream_buffer=64)
     return parser
 
 

@@ -73,7 +73,7 @@ class Settings:
     init: str
     stream: bool | None
     from_store: bool | None = None  # out of core: None decides by the host memory available
-    buffer_bytes: int = 1 << 30
+    buffer_bytes: int = 64 << 20
     group: Dist.Group = field(default_factory=Dist.Group.single)
 
 
@@ -123,7 +123,7 @@ def run_train(
     init: str = "auto",
     stream: bool | None = None,
     stream_from_store: bool | None = None,
-    stream_buffer_mb: float = 1024,
+    stream_buffer_mb: float = 64,
     trust_checkpoint: bool = False,
     group: Dist.Group | None = None,
     argv: Sequence[str] | None = None,
@@ -162,7 +162,7 @@ def _check_same_head(grp: Dist.Group, outcome: Outcome) -> None:
 def validate(*, epochs: int, lr: str, weight_decay: str, batch_size: int,
              label_smoothing: float, warmup_epochs: float, device: str, seed: int,
              holdout_fraction: float, checkpoint: Path | None, init: str,
-             stream: bool | None, from_store: bool | None = None, buffer_mb: float = 1024,
+             stream: bool | None, from_store: bool | None = None, buffer_mb: float = 64,
              group: Dist.Group | None = None) -> Settings:
     """Every value checked, before anything is read."""
     lrs = H.parse_grid(lr, "lr", allow_zero=False)
