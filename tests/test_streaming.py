@@ -76,7 +76,7 @@ def _train(store, out, *extra):
 
 
 def test_out_of_core_reaches_the_in_memory_accuracy(tmp_path, chunked, capsys):
-    """A buffer of 10 chunks (3 in the window: 96 of 1,294 train rows) on real-image features."""
+    """A buffer of 10 chunks (4 in the window: 128 of 1,295 train rows) on real-image features."""
     memory = _train(chunked, tmp_path / "m.pt", "--no-stream-from-store")
     buffer_mb = 10 * 32 * 512 * 4 / 2**20
     ooc = _train(chunked, tmp_path / "o.pt", "--stream-from-store", "--stream-buffer",
