@@ -16,9 +16,10 @@ import argparse
 import logging
 from pathlib import Path
 
+import torch
+
 from pipeline import dist
 from pipeline.cli import log, run_main, script_parser
-from pipeline.files import resolve_device
 from pipeline.train import DEFAULT_LR, DEFAULT_WD, run_train
 
 
@@ -64,8 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     def body(args: argparse.Namespace) -> int:
-        # under torchrun: the job's process group (NCCL for the gradients on GPUs)
-        group = dist.join("cuda" if resolve_device(args.device).type == "cuda" else "gloo")
+        # under torchrun: the job's process group (NCCL for the gradients on GPUs); the device
+        # itself is checked in run_train, where an error stops every rank with one line
+        cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        group = dist.join("cuda" if cuda else "gloo")
         if not group.main:
             log.setLevel(max(log.level, logging.WARNING))  # one voice: rank 0's
         try:

@@ -12,6 +12,7 @@ seeded with --seed: the same seed gives the same batches, hence the same head.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -22,6 +23,8 @@ import numpy as np
 import torch
 
 from .head import Features
+
+log = logging.getLogger("quickfix")
 
 READ_AHEAD = 2  # chunks read in the background while the previous ones are used
 
@@ -89,18 +92,33 @@ class StoreRows:
                 yield part
                 del part
 
-    def blocks(self, size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def blocks(self, size: int = 4096) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(x, y) of at most `size` rows, chunk by chunk in store order."""
+        assert self.side is None, "blocks() of the main rows only"
         for x, y in self.chunks_in(self.chunks):
-            yield torch.from_numpy(x), torch.from_numpy(y)
+            for lo in range(0, len(x), size):
+                yield torch.from_numpy(x[lo:lo + size]), torch.from_numpy(y[lo:lo + size])
 
-    def load(self) -> Features:
-        """Every selected row in memory, filled chunk by chunk (no second copy of the split)."""
+    def load(self) -> tuple[Features, Features | None]:
+        """The selected rows in memory (and the side rows, if any), filled chunk by chunk in
+        one pass over the store (no second copy of the split, no second read)."""
+        side_rows = int(self.side[self.mask].sum()) if self.side is not None else 0
         x = torch.empty(self.rows, self.dim, dtype=self.dtype)
-        at = 0
-        for part, _ in self.chunks_in(self.chunks):
-            x[at:at + len(part)] = torch.from_numpy(part)
-            at += len(part)
-        return Features(x, self.y)
+        sx = torch.empty(side_rows, self.dim, dtype=self.dtype)
+        sy = torch.empty(side_rows, dtype=torch.long)
+        at = side_at = 0
+        for part in self.chunks_in(self.chunks):
+            px, py = part[0], part[1]
+            if self.side is not None:
+                flag = part[2]
+                n = int(flag.sum())
+                sx[side_at:side_at + n] = torch.from_numpy(px[flag])
+                sy[side_at:side_at + n] = torch.from_numpy(py[flag])
+                side_at += n
+                px = px[~flag]
+            x[at:at + len(px)] = torch.from_numpy(px)
+            at += len(px)
+        return Features(x, self.y), (Features(sx, sy) if self.side is not None else None)
 
 
 class WindowBatches:
@@ -113,6 +131,11 @@ class WindowBatches:
         self.steps = -(-len(rows) // batch_size)
         # the window is held twice while it is assembled, and READ_AHEAD chunks are in flight
         self.window = max(1, (buffer_bytes // max(rows.chunk_bytes, 1) - READ_AHEAD) // 2)
+        if buffer_bytes < (2 * self.window + READ_AHEAD) * rows.chunk_bytes:
+            log.warning("--stream-buffer %.0f MB holds fewer than %d chunks of %.1f MB: out of "
+                        "core takes %.0f MB; a smaller --chunk-rows in stage 1 fits the buffer",
+                        buffer_bytes / 2**20, 2 + READ_AHEAD, rows.chunk_bytes / 2**20,
+                        (2 * self.window + READ_AHEAD) * rows.chunk_bytes / 2**20)
         self.rng = np.random.default_rng(seed)
         self.full = torch.ones(batch_size, device=device)
         self.streamed = True
@@ -191,8 +214,14 @@ def available_memory() -> int:
     try:
         limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
         used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        # the page cache the kernel can drop (the store just written, say) is not in use
+        for line in Path("/sys/fs/cgroup/memory.stat").read_text().splitlines():
+            if line.startswith("inactive_file "):
+                used -= int(line.split()[1])
         if limit != "max":
-            avail = min(avail, int(limit) - used)
+            avail = min(avail, int(limit) - max(used, 0))
     except (OSError, ValueError):
         pass
-    return max(avail, 0)
+    # torchrun's processes on this machine load their shares at the same time
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if os.environ.get("MASTER_ADDR") else 1
+    return max(avail, 0) // max(local, 1)

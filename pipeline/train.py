@@ -277,8 +277,12 @@ def load(features: Path, checkpoint: Path | None, settings: Settings, trust: boo
         where = (f"out of core: a window of {batches.window} chunks "
                  f"({batches.window * train.chunk_rows} rows)")
     else:
-        train = sources.pop("train").load()
-        evals = {k: src.load() for k, src in sources.items()}
+        # train and holdout share the chunks: one pass reads both
+        side = masks["holdout"][1] if sources.pop("holdout", None) is not None else None
+        train, held = StoreRows(group, "train", masks["train"][1], side=side).load()
+        evals = {k: src.load()[0] for k, src in sources.items()}
+        if held is not None:
+            evals = {"holdout": held, **evals}
         resident = _fits([train, *evals.values()], dev) if settings.stream is None \
             else not settings.stream
         if resident:

@@ -102,7 +102,7 @@ def test_out_of_core_evaluates_like_in_memory(chunked):
     group = S.open_store(chunked)
     ok = group["train"]["ok"][:].astype(bool)
     rows = StoreRows(group, "train", ok)
-    mem = rows.load()
+    mem, _ = rows.load()
     dev = torch.device("cpu")
     for a, b in zip(H.feature_stats(rows, dev), H.feature_stats(mem.x, dev), strict=True):
         torch.testing.assert_close(a, b)
@@ -148,3 +148,15 @@ def test_holdout_scored_in_the_training_pass_equals_its_own_pass(chunked):
         assert a["holdout_top1"] == b["holdout_top1"] and a["holdout_top5"] == b["holdout_top5"]
         assert a["holdout_loss"] == pytest.approx(b["holdout_loss"], rel=1e-9)
         assert a["train_loss"] == b["train_loss"]
+
+
+def test_one_pass_loads_train_and_holdout_as_two_passes_would(chunked):
+    group = S.open_store(chunked)
+    ok = group["train"]["ok"][:].astype(bool)
+    hold = H.holdout_split(np.where(ok, group["train"]["labels"][:], -1), 0.1, 0) & ok
+    train, held = StoreRows(group, "train", ok & ~hold, side=hold).load()
+    alone, _ = StoreRows(group, "train", ok & ~hold).load()
+    held_alone, _ = StoreRows(group, "train", hold).load()
+    assert torch.equal(train.x, alone.x) and torch.equal(train.y, alone.y)
+    assert torch.equal(held.x, held_alone.x) and torch.equal(held.y, held_alone.y)
+    assert len(held) == int(hold.sum()) > 0
