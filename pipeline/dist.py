@@ -104,10 +104,7 @@ class Group:
     # --- the key-value store: counters and records that need no collective ------------------
 
     def add(self, key: str, n: int) -> int:
-        """Add to a job-wide counter; returns its new value (this rank's own without torchrun)."""
-        if self.store is None:
-            self._local[key] = self._local.get(key, 0) + n
-            return self._local[key]
+        """Add to a job-wide counter (under torchrun); returns its new value."""
         return int(self.store.add(key, n))
 
     def post(self, key: str, record: dict) -> None:
@@ -116,9 +113,6 @@ class Group:
 
     def read(self, key: str) -> dict:
         return json.loads(self.store.get(key))
-
-    def __post_init__(self) -> None:
-        self._local: dict[str, int] = {}
 
 
 def join(backend: str = "gloo") -> Group:

@@ -35,14 +35,15 @@ class StoreRows:
     `blocks()` yields them as (x, y) host tensors, one chunk at a time in store order (what
     evaluation and the feature statistics need); `load()` reads them into memory. With `side`
     (another mask), the chunks read also carry those rows, flagged (the holdout, scored in the
-    training pass); `len` and `nbytes` count the rows of `mask` only."""
+    training pass); `len` counts the rows of `mask` only."""
 
-    def __init__(self, group, split: str, mask: np.ndarray, side: np.ndarray | None = None):
+    def __init__(self, group, split: str, mask: np.ndarray, side: np.ndarray | None = None,
+                 labels: np.ndarray | None = None):
         g = group[split]
         self.split = split
         self.array = g["features"]
         self.chunk_rows = int(g.attrs["chunk_rows"])
-        self.labels = g["labels"][:]
+        self.labels = g["labels"][:] if labels is None else labels  # the split's, all rows
         self.side = side
         self.rows = int(mask.sum())
         if side is not None:
@@ -63,10 +64,6 @@ class StoreRows:
     @property
     def chunk_bytes(self) -> int:
         return self.chunk_rows * self.dim * self.dtype.itemsize
-
-    @property
-    def nbytes(self) -> int:
-        return self.rows * self.dim * self.dtype.itemsize
 
     def read(self, chunk: int) -> tuple:
         """The selected rows of one storage chunk: (features, labels), and with `side` the
@@ -138,7 +135,6 @@ class WindowBatches:
                         (2 * self.window + READ_AHEAD) * rows.chunk_bytes / 2**20)
         self.rng = np.random.default_rng(seed)
         self.full = torch.ones(batch_size, device=device)
-        self.streamed = True
         self.side_name = side_name if rows.side is not None else None
 
     def epoch(self, perm=None, side=None):

@@ -246,8 +246,16 @@ def load(features: Path, checkpoint: Path | None, settings: Settings, trust: boo
         shard = H.Shard(int(bounds[0]) if bounds.size else 0,
                         int(bounds[-1]) + 1 if bounds.size else 0, total)
         masks = {k: (split, _share(mask, grp)) for k, (split, mask) in masks.items()}
-    sources = {k: StoreRows(group, split, mask) for k, (split, mask) in masks.items()}
-    need = sum(src.nbytes for src in sources.values())
+    need = sum(int(mask.sum()) for _, mask in masks.values()) * dim * \
+        group["train"]["features"].dtype.itemsize
+
+    def rows(key: str, side: np.ndarray | None = None) -> StoreRows:
+        split, mask = masks[key]
+        return StoreRows(group, split, mask, side=side,
+                         labels=labels_all if split == "train" else None)
+
+    # train with the holdout rows flagged: they share the chunks, so one read serves both
+    hold = masks["holdout"][1] if "holdout" in masks else None
     out_of_core = settings.from_store
     if out_of_core is None:
         out_of_core = need > 0.6 * available_memory()
@@ -260,12 +268,10 @@ def load(features: Path, checkpoint: Path | None, settings: Settings, trust: boo
                      "reading them from the store", need / 2**30, available_memory() / 2**30)
     batches, where = None, None
     if out_of_core:
-        train = sources.pop("train")
-        evals: dict = sources
-        # the holdout rows share the train chunks: scored in the training pass (read once)
-        side = masks["holdout"][1] if "holdout" in masks else None
-        batches = WindowBatches(StoreRows(group, "train", masks["train"][1], side=side),
-                                settings.config.batch_size, dev,
+        train = rows("train")
+        evals: dict = {k: rows(k) for k in masks if k != "train"}
+        # the holdout is scored in the training pass, as its chunks pass
+        batches = WindowBatches(rows("train", hold), settings.config.batch_size, dev,
                                 buffer_bytes=settings.buffer_bytes, seed=settings.config.seed,
                                 side_name="holdout")
         resident = False
@@ -277,12 +283,10 @@ def load(features: Path, checkpoint: Path | None, settings: Settings, trust: boo
         where = (f"out of core: a window of {batches.window} chunks "
                  f"({batches.window * train.chunk_rows} rows)")
     else:
-        # train and holdout share the chunks: one pass reads both
-        side = masks["holdout"][1] if sources.pop("holdout", None) is not None else None
-        train, held = StoreRows(group, "train", masks["train"][1], side=side).load()
-        evals = {k: src.load()[0] for k, src in sources.items()}
-        if held is not None:
-            evals = {"holdout": held, **evals}
+        train, held = rows("train", hold).load()
+        evals = {"holdout": held} if held is not None else {}
+        if "val" in masks:
+            evals["val"] = rows("val").load()[0]
         resident = _fits([train, *evals.values()], dev) if settings.stream is None \
             else not settings.stream
         if resident:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from .conftest import extract_args, make_tree
-from .test_extract import read_split
+from .test_extract import assert_finished_equal, read_split
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
@@ -138,11 +138,7 @@ def test_a_killed_rank_is_finished_by_the_rerun(tmp_path, photos):
     clean = tmp_path / "clean.zarr"
     whole = single("extract_features.py", [*args, "--out", str(clean)])
     assert whole.returncode == 0, whole.stderr
-    a, b = read_split(killed, "train"), read_split(clean, "train")
-    assert a["chunk_done"].all()
-    assert a["features"].tobytes() == b["features"].tobytes()
-    for k in ("labels", "files", "ok", "reasons"):
-        np.testing.assert_array_equal(a[k], b[k])
+    assert_finished_equal(killed, clean)
 
 
 def test_stage2_on_two_ranks_equals_one(tmp_path, digits):

@@ -42,6 +42,15 @@ def read_split(store: Path, split: str) -> dict:
     return {k: g[k][:] for k in ("features", "labels", "files", "ok", "reasons", "chunk_done")}
 
 
+def assert_finished_equal(resumed: Path, clean: Path) -> None:
+    """A store finished after a kill equals one made without interruption, bit for bit."""
+    a, b = read_split(resumed, "train"), read_split(clean, "train")
+    assert a["chunk_done"].all()
+    assert a["features"].tobytes() == b["features"].tobytes()
+    for k in ("labels", "files", "ok", "reasons"):
+        np.testing.assert_array_equal(a[k], b[k])
+
+
 def chunk_files(store: Path) -> dict[str, float]:
     return {str(p): p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()}
 
@@ -216,11 +225,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, photos):
     whole = subprocess.run([sys.executable, str(ROOT / "extract_features.py"), *args,
                             "--out", str(clean)], env=env, cwd=ROOT, capture_output=True, text=True)
     assert whole.returncode == 0, whole.stderr
-    a, b = read_split(killed, "train"), read_split(clean, "train")
-    assert a["chunk_done"].all()
-    assert a["features"].tobytes() == b["features"].tobytes()
-    for k in ("labels", "files", "ok", "reasons"):
-        np.testing.assert_array_equal(a[k], b[k])
+    assert_finished_equal(killed, clean)
 
 
 def test_flipped_bit_is_caught(tmp_path, tree, ckpt):
