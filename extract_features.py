@@ -65,8 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="the feature store to write")
     parser.add_argument("--overwrite", action=argparse.BooleanOptionalAction,
                         help="replace a store that was made from other inputs")
+    parser.add_argument("--verify", action=argparse.BooleanOptionalAction,
+                        help="read every chunk of an existing store and check its checksum "
+                        "(every run checks by listing that no chunk is missing); damaged "
+                        "chunks are recomputed")
     parser.set_defaults(batch_size=128, decoder="auto", precision="auto", float32=False,
-                        chunk_rows=1024, ema=None, overwrite=False, progress_every=30.0)
+                        chunk_rows=1024, ema=None, overwrite=False, verify=False,
+                        progress_every=30.0)
     return parser
 
 
@@ -83,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                 device=args.device, decoder=args.decoder, precision=args.precision,
                 float32=args.float32, chunk_rows=args.chunk_rows, num_threads=args.num_threads,
                 read_workers=args.read_workers, progress_every=args.progress_every,
-                overwrite=args.overwrite, trust_checkpoint=args.trust_checkpoint,
+                overwrite=args.overwrite, verify=args.verify,
+                trust_checkpoint=args.trust_checkpoint,
                 use_ema=args.ema, head=args.head, rank=int(os.environ.get("RANK", 0)),
                 world_size=int(os.environ.get("WORLD_SIZE", 1)),
                 group=group, argv=argv,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import errno
 import logging
 import os
 import subprocess
@@ -83,6 +84,29 @@ def run_main(body: Callable[[argparse.Namespace], int], parser: argparse.Argumen
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except OSError as exc:  # the machine's, not the project's: a full disk, a read-only mount
+        print(f"error: {environment_message(exc)}", file=sys.stderr)
+        return 2
+
+
+_ERRNO_ADVICE = {
+    errno.ENOSPC: "no space left on the device: free some (or write elsewhere) and rerun the "
+                  "same command; finished work is kept",
+    errno.EDQUOT: "disk quota exceeded: free some space (or write elsewhere) and rerun the same "
+                  "command; finished work is kept",
+    errno.EFBIG: "file too large for this file system or process limit (ulimit -f)",
+    errno.EROFS: "the file system is read-only: write somewhere else",
+    errno.EACCES: "permission denied: check the path's owner and mode",
+    errno.EPERM: "operation not permitted: check the path's owner and mode",
+    errno.EIO: "input/output error: the disk or network file system failed; check it and rerun",
+}
+
+
+def environment_message(exc: OSError) -> str:
+    """One line for an error of the machine: what happened, on which path, and what to do."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    advice = _ERRNO_ADVICE.get(exc.errno)
+    return f"{advice}{where}" if advice else f"{exc.strerror or exc}{where}"
 
 
 def package_versions() -> dict[str, str]:

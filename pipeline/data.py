@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import urllib.parse
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,8 +37,9 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tif
 class Split:
     name: str
     root: Path
-    files: list[str]  # relative to root, "class/file.jpg"
+    files: list[str]  # relative to root, "class/file.jpg" (os.fsdecode form: any bytes)
     labels: np.ndarray  # int32, index into the class list
+    stats: np.ndarray | None = None  # int64 [n, 2]: size and mtime_ns of each file (-1: no stat)
 
 
 def find_splits(data_root: Path, requested: Sequence[str] | None) -> list[str]:
@@ -103,9 +105,12 @@ def _parse_json_order(path: Path, text: str) -> list[str]:
 
 
 def scan_split(name: str, split_root: Path, classes: Sequence[str]) -> Split:
+    """The split's image files in sorted order, with their labels, sizes and modification times
+    (one stat per file, so a file replaced between a kill and the resume is noticed)."""
     index = {c: i for i, c in enumerate(classes)}
     files: list[str] = []
     labels: list[int] = []
+    stats: list[tuple[int, int]] = []
     for folder in class_folders(split_root):
         if folder not in index:
             raise DataError(
@@ -117,11 +122,41 @@ def scan_split(name: str, split_root: Path, classes: Sequence[str]) -> Split:
             for fname in sorted(filenames):
                 if fname.startswith(".") or not fname.lower().endswith(IMG_EXTENSIONS):
                     continue
-                files.append(os.path.relpath(os.path.join(dirpath, fname), split_root))
+                path = os.path.join(dirpath, fname)
+                files.append(os.path.relpath(path, split_root))
                 labels.append(index[folder])
+                try:
+                    st = os.stat(path)
+                    stats.append((st.st_size, st.st_mtime_ns))
+                except OSError:  # a broken link: quarantined when it is read
+                    stats.append((-1, -1))
     if not files:
         raise DataError(f"split {name}: no image files under {split_root}")
-    return Split(name, split_root, files, np.asarray(labels, dtype=np.int32))
+    return Split(name, split_root, files, np.asarray(labels, dtype=np.int32),
+                 np.asarray(stats, dtype=np.int64).reshape(-1, 2))
+
+
+# File names are kept as the file system gives them (os.fsdecode: bytes that are not UTF-8
+# become lone surrogates, which open() turns back into the same bytes). The store's `files`
+# array holds UTF-8 text, so such a name is stored escaped: a NUL (which no file name holds)
+# and then the name's bytes percent-encoded. `stored_name` / `file_name` convert both ways.
+_ESCAPED = "\0"
+
+
+def stored_name(name: str) -> str:
+    """How `name` (a path relative to its split) is kept in the store's `files` array."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return _ESCAPED + urllib.parse.quote_from_bytes(os.fsencode(name), safe="/")
+
+
+def file_name(stored: str) -> str:
+    """The file name (os.fsdecode form, usable with open()) of a `files` entry."""
+    if stored.startswith(_ESCAPED):
+        return os.fsdecode(urllib.parse.unquote_to_bytes(stored[len(_ESCAPED):]))
+    return stored
 
 
 # How the store orders each split's rows. The sorted scan puts every class in a run of rows, so a
@@ -135,7 +170,9 @@ ROW_ORDER = "permuted-v1"
 def store_order(split: Split) -> Split:
     """The split's files in the order the store keeps them (see ROW_ORDER)."""
     perm = np.random.default_rng(0).permutation(len(split.files))
-    return Split(split.name, split.root, [split.files[i] for i in perm], split.labels[perm])
+    stats = split.stats[perm] if split.stats is not None else None
+    return Split(split.name, split.root, [split.files[i] for i in perm], split.labels[perm],
+                 stats)
 
 
 def natural_key(s: str) -> list:

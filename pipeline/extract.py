@@ -9,6 +9,7 @@ is a no-op on a finished store, and refuses a store made from other inputs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import time
@@ -159,7 +160,9 @@ class Engine:
     On CUDA the forward pass is queued on the current stream and its features are copied into one
     of a few pinned host buffers without blocking; the returned CUDA event says when they have
     landed, and `release` gives the buffer back (and lets DALI's input buffer go). The host never
-    waits for the GPU here, so the GPU computes batch k while DALI decodes batch k+1.
+    waits for the GPU here, so the GPU computes batch k while DALI decodes batch k+1. With the
+    features comes each row's largest magnitude (NaN when a value is NaN), computed before the
+    cast to the store's dtype, so the writer can refuse NaN, inf and float16 overflow.
     """
 
     def __init__(self, model: Model, device: torch.device, precision: str, out_dtype: np.dtype,
@@ -172,37 +175,42 @@ class Engine:
         self._free: queue.Queue = queue.Queue()
         if self.cuda:
             for _ in range(buffers):
-                self._free.put(torch.empty(batch_size, model.feature_dim, dtype=self.out_dtype,
-                                           pin_memory=True))
+                self._free.put((torch.empty(batch_size, model.feature_dim, dtype=self.out_dtype,
+                                            pin_memory=True),
+                                torch.empty(batch_size, dtype=torch.float32, pin_memory=True)))
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor, keep: object = None, check=lambda: None):
-        """(features [n, D], CUDA event or None, release callback or None).
+        """(features [n, D], largest |value| per row [n], CUDA event or None, release callback
+        or None).
 
         `check` raises if the consumer of the features has failed (so we never wait on it)."""
         start = time.perf_counter()
         x = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         with forward_context(self.device, self.precision):
             features = self.model.backbone(x).flatten(1)
+        peak = features.detach().abs().amax(1).float()
         if not self.cuda:
             self.forward_seconds += time.perf_counter() - start
-            return features, None, None
+            return features, peak, None, None
         while True:  # wait while the writer holds every buffer, unless it has failed
             try:
-                buf = self._free.get(timeout=1.0)
+                buf, peak_buf = self._free.get(timeout=1.0)
                 break
             except queue.Empty:
                 check()
         out = buf[:len(features)]
         out.copy_(features.to(self.out_dtype), non_blocking=True)
+        out_peak = peak_buf[:len(features)]
+        out_peak.copy_(peak, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
         self.forward_seconds += time.perf_counter() - start
 
-        def release(buf=buf, keep=keep, x=x):  # the GPU is done with x and DALI's buffer
-            self._free.put(buf)
+        def release(bufs=(buf, peak_buf), keep=keep, x=x):  # the GPU is done with x and DALI's
+            self._free.put(bufs)
 
-        return out, ready, release
+        return out, out_peak, ready, release
 
 
 @dataclass
@@ -302,7 +310,7 @@ def _prepare(*, checkpoint: Path, data_root: Path, out: Path, splits, class_orde
     }
     create_kwargs = dict(
         classes=order.classes,
-        splits=[S.SplitSpec(s.name, s.files, s.labels) for s in scanned],
+        splits=[S.SplitSpec(s.name, s.files, s.labels, s.stats) for s in scanned],
         feature_dim=model.feature_dim, dtype=out_dtype.name, chunk_rows=chunk_rows,
         record=run_record(argv, {
             "checkpoint": str(checkpoint), "data_root": str(data_root), "arch": model.arch,
@@ -340,6 +348,7 @@ def run_extract(
     read_workers: int | None = None,
     progress_every: float = 30.0,
     overwrite: bool = False,
+    verify: bool = False,
     trust_checkpoint: bool = False,
     use_ema: bool | None = None,
     head: str | None = None,
@@ -366,29 +375,36 @@ def run_extract(
         chunk_rows=chunk_rows, num_threads=num_threads, read_workers=read_workers,
         trust_checkpoint=trust_checkpoint, use_ema=use_ema, head=head, rank=rank,
         world_size=world_size, argv=argv))
-    scanned, components, chunk_rows = job.scanned, job.components, job.chunk_rows
-    create_kwargs = job.create_kwargs
-    if grp.collective:
-        # rank 0 creates (or checks) the store while the others wait on the collective; then
-        # every rank opens it and checks that it was made from the same inputs as its own
-        grp.agree(lambda: _open_or_create(out, components, overwrite=overwrite, rank=0,
-                                          create_kwargs=create_kwargs), only_rank0=True)
-        group = grp.agree(lambda: _open_existing(out, components))
-        shares = grp.share(lambda: _share_chunks(group, scanned, grp.world))
-        todo = {s.name: shares[s.name][rank] for s in scanned}
-        total = sum(_rows(part, chunk_rows, len(s.files)) for s in scanned
-                    for part in shares[s.name])
-    else:
-        group = _open_or_create(out, components, overwrite=overwrite, rank=rank,
-                                create_kwargs=create_kwargs)
-        todo = {}
-        for s in scanned:
-            done = S.split_progress(group, s.name)
-            owned = S.owned_chunks(done.size, rank, world_size)
-            todo[s.name] = [c for c in owned if not done[c]]
-            if todo[s.name] and todo[s.name][0] > owned.start:
-                log.info("%s: resuming at chunk %d", s.name, todo[s.name][0])
-        total = sum(_rows(todo[s.name], chunk_rows, len(s.files)) for s in scanned)
+    scanned, chunk_rows = job.scanned, job.chunk_rows
+    with contextlib.ExitStack() as held:
+        if grp.collective:
+            # rank 0 takes the writer lock for the job and creates, checks or repairs the store
+            # while the others wait on the collective; then every rank opens it and checks that
+            # it was made from the same inputs as its own
+            grp.agree(lambda: _open_or_create(job, out, overwrite=overwrite, verify=verify,
+                                              rank=0, held=held), only_rank0=True)
+            group = grp.agree(lambda: _open_existing(out, job.components))
+            shares = grp.share(lambda: _share_chunks(group, scanned, grp.world))
+            todo = {s.name: shares[s.name][rank] for s in scanned}
+            total = sum(_rows(part, chunk_rows, len(s.files)) for s in scanned
+                        for part in shares[s.name])
+        else:
+            group = _open_or_create(job, out, overwrite=overwrite, verify=verify, rank=rank,
+                                    held=held if world_size == 1 else None)
+            todo = {}
+            for s in scanned:
+                done = S.split_progress(group, s.name)
+                owned = S.owned_chunks(done.size, rank, world_size)
+                todo[s.name] = [c for c in owned if not done[c]]
+                if todo[s.name] and todo[s.name][0] > owned.start:
+                    log.info("%s: resuming at chunk %d", s.name, todo[s.name][0])
+            total = sum(_rows(todo[s.name], chunk_rows, len(s.files)) for s in scanned)
+        return _extract(job, group, todo, total, out, grp, progress_every)
+
+
+def _extract(job: Job, group, todo: dict[str, list[int]], total: int, out: Path,
+             grp: Dist.Group, progress_every: float) -> ExtractSummary:
+    scanned, chunk_rows = job.scanned, job.chunk_rows
     summary = ExtractSummary(out=out, ranks=grp.world if grp.collective else 1)
     if total == 0:
         summary.no_op = True
@@ -486,9 +502,14 @@ def _run_batches(reader, engine: Engine, group, scanned: list[D.Split], chunk_ro
                  out_dtype: np.dtype, summary: ExtractSummary, progress: Progress,
                  grp: Dist.Group) -> None:
     """Decode (reader, in the background) -> forward (here) -> write (writer thread)."""
+    autocast = engine.cuda and engine.precision != "fp32"
     writer = S.ChunkWriter(group, [s.name for s in scanned], [s.files for s in scanned],
                            chunk_rows=chunk_rows, feature_dim=engine.model.feature_dim,
-                           dtype=out_dtype)
+                           dtype=out_dtype,
+                           nonfinite_hint=f"--precision {engine.precision} computes in reduced "
+                           "precision, which can overflow: rerun with --precision fp32" if autocast
+                           else "the checkpoint's weights may hold NaN/inf, or the model "
+                           "overflows on these images")
     waited = 0.0
     count = grp.collective
     try:
@@ -499,9 +520,10 @@ def _run_batches(reader, engine: Engine, group, scanned: list[D.Split], chunk_ro
             waited += time.perf_counter() - t0
             if batch is None:
                 break
-            features, ready, release = engine(batch.images, batch.keep, writer.raise_if_failed)
-            writer.put(batch.split, batch.lo, features, batch.ok, batch.reasons, ready=ready,
-                       release=release)
+            features, peak, ready, release = engine(batch.images, batch.keep,
+                                                    writer.raise_if_failed)
+            writer.put(batch.split, batch.lo, features, batch.ok, batch.reasons, peak=peak,
+                       ready=ready, release=release)
             # under torchrun the bar shows the whole job: every rank adds to one counter
             progress.set(grp.add("extract/images", batch.n)) if count else progress.update(batch.n)
         writer.close()
@@ -513,14 +535,22 @@ def _run_batches(reader, engine: Engine, group, scanned: list[D.Split], chunk_ro
                            writer_busy_s=writer.busy_seconds)
 
 
-def _open_or_create(out: Path, components: dict, *, overwrite: bool, rank: int,
-                    create_kwargs: dict):
+def _open_or_create(job: Job, out: Path, *, overwrite: bool, verify: bool, rank: int,
+                    held: contextlib.ExitStack | None):
+    """The store for this job: created, or opened and proven (and repaired) if it exists.
+
+    `held` keeps the writer lock for the rest of the run (None: RANK/WORLD_SIZE set by hand,
+    independent jobs that share the store on purpose, take none)."""
+    if held is not None:
+        held.enter_context(S.WriterLock(out))
     if S.is_store(out):
         group = S.open_store(out, mode="r+")
         stored = group.attrs["fingerprint"]["components"]
-        if stored == components:
+        if stored == job.components:
+            if rank == 0:  # by hand, the other ranks' jobs leave the checks to rank 0's
+                _prove(group, job, out, verify)
             return group
-        diffs = S.fingerprint_differences(stored, components)
+        diffs = S.fingerprint_differences(stored, job.components)
         if not overwrite:
             raise StoreError(
                 f"{out} was made from other inputs (differs in: {', '.join(diffs)}); "
@@ -528,9 +558,59 @@ def _open_or_create(out: Path, components: dict, *, overwrite: bool, rank: int,
             )
         log.warning("replacing %s (differs in: %s)", out, ", ".join(diffs))
     elif rank != 0:
-        return _wait_for_store(out, components)
+        return _wait_for_store(out, job.components)
     out.parent.mkdir(parents=True, exist_ok=True)
-    return S.create_store(out, fingerprint=components, **create_kwargs)
+    return S.create_store(out, fingerprint=job.components, **job.create_kwargs)
+
+
+def _prove(group, job: Job, out: Path, verify: bool) -> None:
+    """An existing store of these inputs: every chunk marked done must be there (by listing; by
+    reading with --verify), and no file may have changed under chunks still to do. Damaged
+    chunks are made to-do again, so this run recomputes them."""
+    if verify:
+        rows = sum(len(s.files) for s in job.scanned)
+        with Progress(rows, "verify", interval=30.0) as bar:
+            damage = S.verify_store(group, bar)
+    else:
+        damage = S.check_store(group)
+    changed = {s.name: _changed_files(group, s, damage) for s in job.scanned
+               if s.name not in damage.splits}
+    pending = bool(damage) or any(not S.split_progress(group, s.name).all()
+                                  for s in job.scanned if s.name not in damage.splits)
+    for split, (count, examples) in changed.items():
+        if not count:
+            continue
+        what = (f"{split}: {count} file(s) changed since {out} was started "
+                f"({'; '.join(examples)}{'; ...' if count > len(examples) else ''})")
+        if pending:
+            raise StoreError(f"{what}; finishing the store would mix features of the old and "
+                             "the new files: pass --overwrite to start it again")
+        log.warning("%s; the store holds the features of the files as they were: pass "
+                    "--overwrite to extract them again", what)
+    if damage:
+        log.warning("%s is damaged (%s): repairing; those chunks are recomputed", out,
+                    damage.describe())
+        S.repair(group, damage, job.create_kwargs["splits"], feature_dim=job.model.feature_dim,
+                 dtype=job.out_dtype.name, chunk_rows=job.chunk_rows)
+    elif verify:
+        log.info("verify: every chunk of %s reads back and passes its checksum", out)
+
+
+def _changed_files(group, split: D.Split, damage: S.Damage) -> tuple[int, list[str]]:
+    """How many files' size or modification time differ from the store's record of them, and
+    the first three, described. A record that cannot be read is damage (its chunk is redone)."""
+    stored = S.read_noting(group, split.name, "stat", damage)
+    differ = (stored != split.stats).any(axis=1)
+    rows = int(group[split.name].attrs["chunk_rows"])
+    for c in damage.chunks.get(split.name, {}):  # redone from the files as they are now
+        differ[c * rows:(c + 1) * rows] = False
+    differ = np.flatnonzero(differ)
+    examples = []
+    for i in differ[:3]:
+        size0, size1 = int(stored[i][0]), int(split.stats[i][0])
+        what = "modified in place" if size0 == size1 else f"size {size0} -> {size1} bytes"
+        examples.append(f"{split.files[i]}: {what}")
+    return int(differ.size), examples
 
 
 def _wait_for_store(out: Path, components: dict, timeout: float = 600.0):

@@ -6,7 +6,9 @@ Layout (documented for users in README.md):
       <split>/                   group; attrs: num_samples, chunk_rows, num_chunks, feature_dim
         features   [N, D]        float16 (float32 on request), one chunk = chunk_rows rows
         labels     [N]           int32, index into `classes` (the correct order)
-        files      [N]           str, path relative to <data-root>/<split>
+        files      [N]           str, path relative to <data-root>/<split> (a name that is not
+                                 UTF-8: NUL + its bytes percent-encoded, see data.stored_name)
+        stat       [N, 2]        int64, the file's size and mtime_ns when the store was made
         ok         [N]           uint8, 1 = features valid, 0 = quarantined (row left at 0)
         reasons    [N]           str, why a row was quarantined (or how it was rescued), else ""
         chunk_done [num_chunks]  uint8, 1 once every array's rows of that chunk are written
@@ -15,10 +17,16 @@ Every chunk of every array carries a crc32c codec, so a flipped bit fails loudly
 Completion is recorded explicitly in `chunk_done` (a chunk never written reads back as the fill
 value, indistinguishable from zeros). `chunk_done` has one element per storage chunk, so several
 writers (torchrun ranks) that own disjoint chunk ranges never touch the same file.
+
+Every chunk is written even when it equals the fill value (zarr skips those by default), so a
+store proves itself by listing: each chunk that `chunk_done` marks has a file in every array
+(`check_store`, milliseconds at ImageNet scale); `verify_store` reads and checks every chunk.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -27,20 +35,26 @@ import queue
 import shutil
 import threading
 import time
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from .errors import StoreError
+from .data import stored_name
+from .errors import DataError, StoreError
 
 log = logging.getLogger("quickfix")
 
 FORMAT = "quickfix-labels/features"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every chunk written (fill-valued ones too), the `stat` array
+ARRAYS = ("features", "labels", "files", "stat", "ok", "reasons", "chunk_done")
+# written when the store is made, from the file scan; the others as the backbone runs
+SCAN_ARRAYS = ("labels", "files", "stat")
+_ALL_CHUNKS = {"write_empty_chunks": True}
 
 
 def fingerprint_digest(components: dict) -> str:
@@ -50,15 +64,23 @@ def fingerprint_digest(components: dict) -> str:
 def file_list_digest(files: Sequence[str], labels: np.ndarray) -> str:
     digest = hashlib.sha256()
     for f, label in zip(files, labels.tolist(), strict=True):
-        digest.update(f"{f}\t{label}\n".encode())
+        digest.update(os.fsencode(f) + f"\t{label}\n".encode())
     return digest.hexdigest()
 
 
 @dataclass
 class SplitSpec:
     name: str
-    files: list[str]
+    files: list[str]  # os.fsdecode form (see data.stored_name)
     labels: np.ndarray
+    stats: np.ndarray | None = None  # int64 [n, 2] size, mtime_ns; None: unknown (-1)
+
+    def scan_rows(self, lo: int, hi: int) -> dict[str, np.ndarray]:
+        """What the scan gives for rows lo..hi, per array."""
+        stats = self.stats if self.stats is not None else np.full((len(self.files), 2), -1)
+        return {"labels": self.labels[lo:hi].astype(np.int32),
+                "files": np.asarray([stored_name(f) for f in self.files[lo:hi]], dtype=str),
+                "stat": stats[lo:hi].astype(np.int64)}
 
 
 def is_store(path: Path) -> bool:
@@ -98,35 +120,24 @@ def create_store(path: Path, *, classes: list[str], splits: Sequence[SplitSpec],
     tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    root = zarr.open_group(str(tmp), mode="w")
-    for spec in splits:
-        n = len(spec.files)
-        num_chunks = -(-n // chunk_rows)
-        g = root.create_group(spec.name)
-        g.attrs.update({"num_samples": n, "chunk_rows": chunk_rows, "num_chunks": num_chunks,
-                        "feature_dim": feature_dim})
-        g.create_array("features", shape=(n, feature_dim), chunks=(chunk_rows, feature_dim),
-                       dtype=dtype, fill_value=0, compressors=[Crc32cCodec()])
-        for name, arr_dtype, fill in (("labels", "int32", -1), ("ok", "uint8", 0)):
-            g.create_array(name, shape=(n,), chunks=(chunk_rows,), dtype=arr_dtype,
-                           fill_value=fill, compressors=[ZstdCodec(level=3), Crc32cCodec()])
-        for name in ("files", "reasons"):
-            g.create_array(name, shape=(n,), chunks=(chunk_rows,), dtype=str,
-                           compressors=[ZstdCodec(level=3), Crc32cCodec()])
-        g.create_array("chunk_done", shape=(num_chunks,), chunks=(1,), dtype="uint8",
-                       fill_value=0, compressors=[Crc32cCodec()])
-        g["labels"][:] = spec.labels.astype(np.int32)
-        g["files"][:] = np.asarray(spec.files, dtype=str)
-    root.attrs.update({
-        "classes": list(classes),
-        "splits": [s.name for s in splits],
-        "fingerprint": {"digest": fingerprint_digest(fingerprint), "components": fingerprint},
-        "record": record,
-        **(extra_attrs or {}),
-    })
-    # The format marker goes last: only a fully created store is recognised as one.
-    root.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION})
-    _fsync_tree(tmp)
+    try:
+        root = zarr.open_group(str(tmp), mode="w")
+        for spec in splits:
+            _create_split(root, spec, feature_dim=feature_dim, dtype=dtype,
+                          chunk_rows=chunk_rows)
+        root.attrs.update({
+            "classes": list(classes),
+            "splits": [s.name for s in splits],
+            "fingerprint": {"digest": fingerprint_digest(fingerprint), "components": fingerprint},
+            "record": record,
+            **(extra_attrs or {}),
+        })
+        # The format marker goes last: only a fully created store is recognised as one.
+        root.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION})
+        _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves nothing half-made
+        raise
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         os.replace(path, old)
@@ -135,6 +146,30 @@ def create_store(path: Path, *, classes: list[str], splits: Sequence[SplitSpec],
     else:
         os.replace(tmp, path)
     return zarr.open_group(str(path), mode="r+")
+
+
+def _create_split(root: zarr.Group, spec: SplitSpec, *, feature_dim: int, dtype: str,
+                  chunk_rows: int) -> None:
+    """One split's arrays, with the scan's arrays (labels, files, stat) written."""
+    n = len(spec.files)
+    num_chunks = -(-n // chunk_rows)
+    g = root.create_group(spec.name, overwrite=True)
+    g.attrs.update({"num_samples": n, "chunk_rows": chunk_rows, "num_chunks": num_chunks,
+                    "feature_dim": feature_dim})
+    packed = [ZstdCodec(level=3), Crc32cCodec()]
+    g.create_array("features", shape=(n, feature_dim), chunks=(chunk_rows, feature_dim),
+                   dtype=dtype, fill_value=0, compressors=[Crc32cCodec()])
+    for name, arr_dtype, fill in (("labels", "int32", -1), ("ok", "uint8", 0)):
+        g.create_array(name, shape=(n,), chunks=(chunk_rows,), dtype=arr_dtype,
+                       fill_value=fill, compressors=packed)
+    g.create_array("stat", shape=(n, 2), chunks=(chunk_rows, 2), dtype="int64", fill_value=-1,
+                   compressors=packed)
+    for name in ("files", "reasons"):
+        g.create_array(name, shape=(n,), chunks=(chunk_rows,), dtype=str, compressors=packed)
+    g.create_array("chunk_done", shape=(num_chunks,), chunks=(1,), dtype="uint8",
+                   fill_value=0, compressors=[Crc32cCodec()])
+    for name, values in spec.scan_rows(0, n).items():
+        g[name].with_config(_ALL_CHUNKS)[:] = values
 
 
 def _fsync_tree(root: Path) -> None:
@@ -193,13 +228,14 @@ def write_chunk(group: zarr.Group, split: str, chunk: int, features: np.ndarray,
     rows = g.attrs["chunk_rows"]
     lo = chunk * rows
     hi = lo + len(features)
-    arrays = (g["features"], g["ok"], g["reasons"])
+    arrays = tuple(g[k].with_config(_ALL_CHUNKS) for k in ("features", "ok", "reasons"))
     arrays[0][lo:hi] = features
     arrays[1][lo:hi] = ok.astype(np.uint8)
     arrays[2][lo:hi] = np.asarray(reasons, dtype=str)
     _fsync_chunks(arrays, chunk)
-    g["chunk_done"][chunk] = 1
-    _fsync_chunks((g["chunk_done"],), chunk)
+    done = g["chunk_done"]
+    done[chunk] = 1
+    _fsync_chunks((done,), chunk)
 
 
 def _fsync_chunks(arrays, chunk: int) -> None:
@@ -231,8 +267,10 @@ class ChunkWriter:
     """
 
     def __init__(self, group: zarr.Group, splits: Sequence[str], files: Sequence[Sequence[str]],
-                 *, chunk_rows: int, feature_dim: int, dtype: np.dtype, queue_size: int = 4):
+                 *, chunk_rows: int, feature_dim: int, dtype: np.dtype, queue_size: int = 4,
+                 nonfinite_hint: str = ""):
         self.group, self.splits, self.files = group, list(splits), files
+        self.nonfinite_hint = nonfinite_hint
         self.chunk_rows, self.feature_dim, self.dtype = chunk_rows, feature_dim, np.dtype(dtype)
         self.quarantined = self.rescued = 0
         self.busy_seconds = 0.0
@@ -243,9 +281,11 @@ class ChunkWriter:
         self._thread.start()
 
     def put(self, split: int, lo: int, features, ok: np.ndarray, reasons: Sequence[str], *,
-            ready=None, release=None) -> None:
+            peak=None, ready=None, release=None) -> None:
+        """`peak`: each row's largest magnitude as computed (before any cast), checked against
+        NaN, inf and the store dtype's range; None: taken from `features`."""
         self.raise_if_failed()
-        self._queue.put((split, lo, features, ok, list(reasons), ready, release))
+        self._queue.put((split, lo, features, ok, list(reasons), peak, ready, release))
 
     def close(self) -> None:
         """Write what is queued, stop the thread, and raise its error if it had one."""
@@ -268,9 +308,11 @@ class ChunkWriter:
         if self._error is not None and not isinstance(self._error, _Aborted):
             err = self._error
             if isinstance(err, OSError):
+                from .cli import environment_message
+
                 where = getattr(self.group.store, "root", self.group.store)
                 raise StoreError(f"cannot write the feature store {where}: "
-                                 f"{err.strerror or err}") from err
+                                 f"{environment_message(err)}") from err
             raise err
 
     def _loop(self) -> None:
@@ -290,14 +332,19 @@ class ChunkWriter:
                 self._error = exc
             self.busy_seconds += time.perf_counter() - start
 
-    def _take(self, split, lo, features, ok, reasons, ready, release) -> None:
+    def _take(self, split, lo, features, ok, reasons, peak, ready, release) -> None:
         try:
             if ready is not None:
                 ready.synchronize()  # the device-to-host copy of these rows has landed
-            rows = np.asarray(features)[:len(ok)].astype(self.dtype, copy=True)
+            values = np.asarray(features)[:len(ok)]
+            peak = np.abs(values.astype(np.float32)).max(axis=1, initial=0) if peak is None \
+                else np.asarray(peak)[:len(ok)].copy()
+            with np.errstate(over="ignore"):  # an overflow is refused just below
+                rows = values.astype(self.dtype, copy=True)
         finally:
             if release is not None:
                 release()
+        self._check_finite(split, lo, ok, peak)
         rows[~ok] = 0
         n_split = len(self.files[split])
         c = lo // self.chunk_rows
@@ -325,6 +372,26 @@ class ChunkWriter:
         self.rescued += sum(1 for i, r in enumerate(why) if r and good[i])
 
 
+    def _check_finite(self, split: int, lo: int, ok: np.ndarray, peak: np.ndarray) -> None:
+        """Nothing non-finite is ever stored: NaN/inf from the backbone, or a value beyond the
+        store dtype's range (which the cast would turn into inf), stops the run."""
+        files = self.files[split]
+        bad = np.flatnonzero(ok & ~np.isfinite(peak))
+        if bad.size:
+            names = ", ".join(str(files[lo + i]) for i in bad[:3])
+            raise DataError(f"the backbone gave non-finite features (NaN or inf) for {bad.size} "
+                            f"of the {len(ok)} images of a batch ({names}"
+                            f"{', ...' if bad.size > 3 else ''}); {self.nonfinite_hint}")
+        limit = float(np.finfo(self.dtype).max)
+        over = np.flatnonzero(ok & (peak > limit))
+        if over.size:
+            names = ", ".join(str(files[lo + i]) for i in over[:3])
+            raise DataError(f"features reach {float(peak[over].max()):.3g}, beyond {self.dtype}'s "
+                            f"range ({limit:.6g}), for {over.size} images ({names}"
+                            f"{', ...' if over.size > 3 else ''}): rerun with --float32 "
+                            "--overwrite to store float32 features")
+
+
 class _Aborted(Exception):
     pass
 
@@ -337,3 +404,296 @@ def verify_complete(group: zarr.Group, split: str) -> None:
             f"split {split} of the feature store is incomplete: {int((~done).sum())} of "
             f"{done.size} chunks unwritten (first: {first}); rerun extract_features.py to finish"
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# A store that proves itself: listing (every run), reading (--verify), repair (stage 1)
+
+
+@dataclass
+class Damage:
+    """What is wrong with a store: per split, damaged chunks and why; splits to rebuild whole."""
+
+    chunks: dict[str, dict[int, str]] = field(default_factory=dict)
+    splits: dict[str, str] = field(default_factory=dict)  # split -> why it must be rebuilt
+
+    def __bool__(self) -> bool:
+        return bool(self.splits) or any(self.chunks.values())
+
+    def add(self, split: str, chunk: int, why: str) -> None:
+        self.chunks.setdefault(split, {}).setdefault(chunk, why)
+
+    def describe(self, limit: int = 3) -> str:
+        parts = [f"{split}: {why}" for split, why in self.splits.items()]
+        for split, bad in self.chunks.items():
+            parts += [f"{split} chunk {c}: {why}" for c, why in sorted(bad.items())]
+        more = f" (and {len(parts) - limit} more)" if len(parts) > limit else ""
+        return "; ".join(parts[:limit]) + more
+
+
+def _array_dir(group: zarr.Group, split: str, name: str) -> Path:
+    return Path(group.store.root) / split / name
+
+
+def _chunk_files(group: zarr.Group, split: str, name: str) -> set[int]:
+    """The chunks of one array that have a file (by listing the folder, not by reading)."""
+    base = _array_dir(group, split, name) / "c"
+    try:
+        entries = list(os.scandir(base))
+    except FileNotFoundError:
+        return set()
+    two_d = name in ("features", "stat")
+    found = set()
+    for e in entries:
+        if not e.name.isdigit():
+            continue
+        if two_d:  # c/<row chunk>/0
+            if os.path.isfile(os.path.join(e.path, "0")):
+                found.add(int(e.name))
+        elif e.is_file():
+            found.add(int(e.name))
+    return found
+
+
+def _read_done(group: zarr.Group, split: str, damage: Damage) -> np.ndarray:
+    """chunk_done as bools; a mark that fails its checksum counts as not done (and is noted)."""
+    arr = group[split]["chunk_done"]
+    try:
+        return arr[:].astype(bool)
+    except Exception:  # a damaged mark: read them one by one
+        done = np.zeros(arr.shape[0], bool)
+        for c in range(arr.shape[0]):
+            try:
+                done[c] = bool(arr[c])
+            except Exception:
+                damage.add(split, c, "chunk_done mark fails its checksum")
+        return done
+
+
+def check_store(group: zarr.Group) -> Damage:
+    """Damage visible by listing: split or array metadata missing or unreadable, a chunk marked
+    done without a file in every array, a chunk of the scan's arrays missing. Costs one folder
+    listing per array."""
+    damage = Damage()
+    for split in group.attrs["splits"]:
+        try:
+            with warnings.catch_warnings():  # zarr warns about a folder without metadata
+                warnings.simplefilter("ignore")
+                g = group[split]
+                n, rows = int(g.attrs["num_samples"]), int(g.attrs["chunk_rows"])
+                missing = [a for a in ARRAYS if a not in g.array_keys()]
+        except Exception:
+            damage.splits[split] = "its metadata is missing or unreadable"
+            continue
+        if missing or any(g[a].shape[0] != (n if a != "chunk_done" else -(-n // rows))
+                          for a in ARRAYS):
+            damage.splits[split] = f"array(s) {', '.join(missing) or 'of another shape'} missing"
+            continue
+        num_chunks = -(-n // rows)
+        done = _read_done(group, split, damage)
+        for name in ARRAYS[:-1]:
+            present = _chunk_files(group, split, name)
+            wanted = range(num_chunks) if name in SCAN_ARRAYS else np.flatnonzero(done)
+            for c in wanted:
+                if int(c) not in present:
+                    damage.add(split, int(c), f"{name} chunk file missing")
+    return damage
+
+
+def verify_store(group: zarr.Group, progress=None) -> Damage:
+    """Damage found by reading every chunk of every array: `check_store`'s, plus chunks that fail
+    their checksum or cannot be decoded, and non-finite features in rows marked ok."""
+    damage = check_store(group)
+    for split in group.attrs["splits"]:
+        if split in damage.splits:
+            continue
+        g = group[split]
+        rows = int(g.attrs["chunk_rows"])
+        done = _read_done(group, split, damage)
+        for c in range(done.size):
+            lo = c * rows
+            for name in ARRAYS[:-1]:
+                if name not in SCAN_ARRAYS and not done[c]:
+                    continue
+                try:
+                    values = g[name][lo:lo + rows]
+                except Exception as exc:
+                    damage.add(split, c, f"{name} chunk unreadable ({_short(exc)})")
+                    continue
+                if name == "features" and done[c]:
+                    ok = g["ok"][lo:lo + rows].astype(bool) if c not in damage.chunks.get(
+                        split, {}) else None
+                    if ok is not None and not np.isfinite(values[ok]).all():
+                        damage.add(split, c, "features chunk holds non-finite values")
+            if progress is not None:
+                progress.update(min(rows, int(g.attrs["num_samples"]) - lo))
+    return damage
+
+
+def _short(exc: BaseException) -> str:
+    text = (str(exc).splitlines() or [type(exc).__name__])[0]
+    return "it fails its checksum" if "checksum" in text else text[:80]
+
+
+def read_noting(group: zarr.Group, split: str, name: str, damage: Damage) -> np.ndarray:
+    """A whole array of one split; chunks that cannot be read are noted in `damage` and read as
+    the fill value."""
+    arr = group[split][name]
+    try:
+        return arr[:]
+    except Exception:
+        rows = arr.chunks[0]
+        out = np.full(arr.shape, arr.fill_value, dtype=arr.dtype)
+        for c in range(-(-arr.shape[0] // rows)):
+            try:
+                out[c * rows:(c + 1) * rows] = arr[c * rows:(c + 1) * rows]
+            except Exception as exc:
+                damage.add(split, c, f"{name} chunk unreadable ({_short(exc)})")
+        return out
+
+
+def repair(group: zarr.Group, damage: Damage, specs: Sequence[SplitSpec], *, feature_dim: int,
+           dtype: str, chunk_rows: int) -> None:
+    """Make every damaged chunk to-do again: the scan's arrays are rewritten from `specs` and the
+    chunk's done mark cleared, so the run recomputes its features; a split whose metadata is gone
+    is made anew. The result, once the run ends, is the store an untouched run makes."""
+    by_name = {s.name: s for s in specs}
+    for split in damage.splits:
+        shutil.rmtree(Path(group.store.root) / split, ignore_errors=True)
+        _create_split(group, by_name[split], feature_dim=feature_dim, dtype=dtype,
+                      chunk_rows=chunk_rows)
+    for split, bad in damage.chunks.items():
+        if split in damage.splits or not bad:
+            continue
+        g, spec = group[split], by_name[split]
+        n = len(spec.files)
+        done = g["chunk_done"]
+        for c in sorted(bad):
+            done[c] = 0  # first: a crash in the middle of the repair leaves the chunk to do
+            _fsync_chunks((done,), c)
+            lo, hi = c * chunk_rows, min((c + 1) * chunk_rows, n)
+            for name, values in spec.scan_rows(lo, hi).items():
+                arr = g[name].with_config(_ALL_CHUNKS)
+                arr[lo:hi] = values
+            _fsync_chunks(tuple(g[k] for k in SCAN_ARRAYS), c)
+
+
+def read_rows(group: zarr.Group, split: str, name: str, lo: int = 0,
+              hi: int | None = None) -> np.ndarray:
+    """Rows lo..hi of `group[split][name]`; a chunk that fails its checksum or cannot be decoded
+    is a StoreError naming the split, array and chunk."""
+    arr = group[split][name]
+    hi = arr.shape[0] if hi is None else hi
+    try:
+        return arr[lo:hi]
+    except Exception as exc:
+        rows, bad, err = arr.chunks[0], lo // arr.chunks[0], exc
+        for c in range(lo // rows, -(-hi // rows)):
+            try:
+                arr[c * rows:(c + 1) * rows]
+            except Exception as chunk_exc:
+                bad, err = c, chunk_exc
+                break
+        where = getattr(group.store, "root", group.store)
+        raise StoreError(
+            f"the feature store {where} is damaged: {split}/{name} chunk {bad} cannot be read "
+            f"({_short(err)}); rerun extract_features.py with the same arguments and --verify "
+            "to repair it") from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# One writer at a time
+
+
+class WriterLock:
+    """An exclusive lock on a store, held by the one run that writes it.
+
+    It is `flock` on a file beside the store (`.NAME.lock`: the store itself is replaced by
+    --overwrite), so the kernel releases it when the process dies, however it dies: a killed run
+    never blocks its resume. The file holds the holder's host, pid and start time for the
+    refusal message, and is removed on a clean exit (with the inode check that makes removing a
+    lock file safe against a run that opened it meanwhile). On NFS, Linux maps flock to the
+    server's byte-range locks (NFSv4, or v3 with lockd), so runs on different machines exclude
+    each other; a file system without locks (some FUSE mounts; Lustre without -o flock) makes it
+    a warning and the run goes on unguarded.
+    """
+
+    def __init__(self, store: Path):
+        self.path = store.with_name(f".{store.name}.lock")
+        self.store = store
+        self._fd: int | None = None
+
+    def acquire(self) -> WriterLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise StoreError(f"{self.store} is being written by another run "
+                                 f"({holder(self.path)}); wait for it to end, or stop it") from None
+            except OSError as exc:
+                if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    os.close(fd)
+                    raise
+                log.warning("the file system of %s has no locks (%s): nothing stops another "
+                            "run from writing this store at the same time", self.store,
+                            exc.strerror)
+                os.close(fd)
+                return self
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:  # the holder removed it as we took it: take the new one
+                same = False
+            if same:
+                break
+            os.close(fd)
+        info = json.dumps({"host": os.uname().nodename, "pid": os.getpid(),
+                           "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info.encode() + b"\n", 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink()  # under the lock: whoever opened it meanwhile sees another inode
+        except OSError:
+            pass
+        os.close(self._fd)  # closing releases the lock
+        self._fd = None
+
+    def __enter__(self) -> WriterLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def writer_of(store: Path) -> str | None:
+    """Who holds `store`'s writer lock now ("host ..., pid ..., started ..."), or None."""
+    path = store.with_name(f".{store.name}.lock")
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return holder(path)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return None
+
+
+def holder(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text())
+        return f"host {info['host']}, pid {info['pid']}, started {info['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "holder unknown"

@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import StoreError
 from .head import Features
+from .store import read_rows
 
 log = logging.getLogger("quickfix")
 
@@ -40,10 +42,11 @@ class StoreRows:
     def __init__(self, group, split: str, mask: np.ndarray, side: np.ndarray | None = None,
                  labels: np.ndarray | None = None):
         g = group[split]
-        self.split = split
+        self.group, self.split = group, split
         self.array = g["features"]
         self.chunk_rows = int(g.attrs["chunk_rows"])
-        self.labels = g["labels"][:] if labels is None else labels  # the split's, all rows
+        # the split's, all rows
+        self.labels = read_rows(group, split, "labels") if labels is None else labels
         self.side = side
         self.rows = int(mask.sum())
         if side is not None:
@@ -69,8 +72,13 @@ class StoreRows:
         """The selected rows of one storage chunk: (features, labels), and with `side` the
         side rows' flags."""
         lo = chunk * self.chunk_rows
-        x = self.array[lo:lo + self.chunk_rows]
+        x = read_rows(self.group, self.split, "features", lo, lo + self.chunk_rows)
         keep = self.mask[lo:lo + len(x)]
+        if not np.isfinite(x[keep]).all():
+            raise StoreError(f"the feature store {self.group.store.root} holds non-finite "
+                             f"features in {self.split} chunk {chunk} (rows marked usable): rerun "
+                             "extract_features.py with the same arguments and --verify to "
+                             "find and recompute them")
         part = (x[keep], self.labels[lo:lo + len(x)][keep].astype(np.int64))
         if self.side is None:
             return part

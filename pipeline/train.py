@@ -149,6 +149,10 @@ def run_train(
                         outcome.ms_per_epoch, grp.world if grp.collective else 1)
 
 
+def _grid_text(config) -> str:
+    return ",".join(f"{lr:g}" for lr in sorted({lr for lr, _ in config.grid()}))
+
+
 def _check_same_head(grp: Dist.Group, outcome: Outcome) -> None:
     """Every rank took the same steps from the same summed gradients: say so, or stop."""
     digest = hashlib.sha256(outcome.weight.numpy().tobytes() + outcome.bias.numpy().tobytes())
@@ -209,14 +213,22 @@ def load(features: Path, checkpoint: Path | None, settings: Settings, trust: boo
     splits = group.attrs["splits"]
     if "train" not in splits:
         raise StoreError(f"{features} has no train split (splits: {', '.join(splits)})")
+    writer = S.writer_of(features)
+    if writer is not None:
+        raise StoreError(f"{features} is being written by a stage 1 run ({writer}); wait for it "
+                         "to end")
+    damage = S.check_store(group)  # by listing: nothing is ever trained on a fill value
+    if damage:
+        raise StoreError(f"the feature store {features} is damaged ({damage.describe()}): rerun "
+                         "extract_features.py with the same arguments to repair it")
     for split in splits:
         S.verify_complete(group, split)
     classes = list(group.attrs["classes"])
     components = group.attrs["fingerprint"]["components"]
     dim = int(components["feature_dim"])
 
-    labels_all = group["train"]["labels"][:]
-    ok_all = group["train"]["ok"][:].astype(bool)
+    labels_all = S.read_rows(group, "train", "labels")
+    ok_all = S.read_rows(group, "train", "ok").astype(bool)
     if not ok_all.any():
         raise DataError(f"the train split of {features} has no usable rows (all quarantined)")
     present = np.unique(labels_all[ok_all])
@@ -234,7 +246,7 @@ def load(features: Path, checkpoint: Path | None, settings: Settings, trust: boo
     if holdout_mask.any():
         masks["holdout"] = ("train", holdout_mask)
     if "val" in splits:
-        val_ok = group["val"]["ok"][:].astype(bool)
+        val_ok = S.read_rows(group, "val", "ok").astype(bool)
         if val_ok.any():
             masks["val"] = ("val", val_ok)
     grp, dev = settings.group, settings.device
@@ -357,18 +369,28 @@ def fit(inputs: Inputs, settings: Settings) -> Outcome:
             old.update({f"{name}_{k}": v for k, v in m.items()})
         candidates.append(old)
         heads.append((w[0], b[0]))
+    # A point whose loss or weights went non-finite diverged: it is reported, never chosen.
+    for rec, (w, b) in zip(candidates, heads, strict=True):
+        rec["diverged"] = not (math.isfinite(rec.get("train_loss", 0.0))
+                               and bool(torch.isfinite(w).all()) and bool(torch.isfinite(b).all()))
+    live = [i for i, rec in enumerate(candidates) if not rec["diverged"]]
+    if not live:
+        raise DataError(f"training diverged at every grid point (--lr {_grid_text(config)}): "
+                        "lower --lr, and check the store with extract_features.py --verify")
     # Chosen on the holdout; without one (a single grid point, by validation) the trained head
     # unless there is none.
-    best = H.choose(candidates, "holdout") if "holdout" in evals else 0
+    best = live[H.choose([candidates[i] for i in live], "holdout")] if "holdout" in evals \
+        else live[0]
     chosen = candidates[best]
     for rec in candidates:
-        log.info("  %-24s %s", describe(rec).removeprefix("the "), "  ".join(
+        scores = "diverged (not a candidate)" if rec["diverged"] else "  ".join(
             f"{k} {rec[k]:.2%}" for k in ("holdout_top1", "val_top1", "val_top5") if k in rec)
-            + ("   <- chosen" if rec is chosen else ""))
-    if not (torch.isfinite(heads[best][0]).all() and torch.isfinite(heads[best][1]).all()):
-        raise DataError(f"training diverged: the best candidate ({describe(chosen)}) has "
-                        "non-finite weights; lower --lr, and check the store for NaN/inf "
-                        "features")
+        log.info("  %-24s %s", describe(rec).removeprefix("the "),
+                 scores + ("   <- chosen" if rec is chosen else ""))
+    if len(live) < len(candidates):
+        log.warning("%d of %d grid points diverged (their loss or weights became NaN/inf): "
+                    "the highest learning rates are too high for these features",
+                    len(candidates) - len(live), len(candidates))
     outcome = Outcome(heads[best][0].clone(), heads[best][1].clone(), chosen, candidates,
                       history, "old-head (permuted)" if init_tensors is not None else "zeros",
                       diagnosis)

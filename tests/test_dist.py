@@ -88,6 +88,24 @@ def test_a_user_error_stops_every_rank_with_one_line(tmp_path, bigger_tree, ckpt
         "error: --batch-size and --chunk-rows must be at least 1"]
 
 
+def test_ranks_share_their_job_s_lock_and_another_job_is_refused(tmp_path, bigger_tree, ckpt):
+    """The ranks of one job write together under rank 0's lock (the two-rank runs above); a
+    second job on the same store while one runs is refused on every rank with one line."""
+    from .test_reliability import _hold
+
+    out = tmp_path / "s.zarr"
+    holder = _hold(out)
+    try:
+        run = torchrun(2, "extract_features.py", extract_args(ckpt, bigger_tree, out))
+    finally:
+        holder.kill()
+        holder.wait()
+    errors = [line for line in ours(run.stderr) if line.startswith("error: ")]
+    assert run.returncode != 0 and len(errors) == 1, run.stderr
+    assert "is being written by another run" in errors[0] and f"pid {holder.pid}" in errors[0]
+    assert not out.exists()
+
+
 def _worker(agent: int, local_rank: int) -> int | None:
     """The pid of torchrun's worker process of `local_rank`."""
     for p in Path("/proc").iterdir():

@@ -385,7 +385,7 @@ def test_empty_split_and_one_class_are_refused(tmp_path, capsys):
              "holds only one class")
     store = synthetic_store(tmp_path / "empty.zarr", x, y, classes)
     g = zarr.open_group(str(store), mode="r+")
-    g["train"]["ok"][:] = 0
+    g["train"]["ok"].with_config({"write_empty_chunks": True})[:] = 0  # as stage 1 writes
     _refused(capsys, ["--features", str(store), "--out", str(tmp_path / "h.pt")],
              "no usable rows")
 
