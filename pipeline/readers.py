@@ -18,7 +18,8 @@ next batch, and `DaliReader` re-decodes the failed one on the side (`DaliDecoder
 the bad file, PIL for what DALI cannot decode), so only the bad file's row is lost.
 
 `PilReader` is the reference and the fallback where DALI is not installed: torchvision's eval
-transform on PIL images in a thread pool, batches prefetched in order.
+transform on PIL images in a thread pool, batches prefetched in order (`eval_transform`: an image
+whose whole resized size would be huge, such as a 20000x1 banner, has only its crop resized).
 
 Batches follow a plan that never crosses a storage chunk, so a resumed run forms exactly the
 batches an uninterrupted one does (same shapes through the model, bit-identical features).
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from . import imagefile as F
 from .data import pil_transform
@@ -169,8 +171,6 @@ class DaliDecoder:
         a missing codec library, an argument the decoder rejects) stops the run here, before
         any image of the user's is taken for a bad file."""
         import io
-
-        from PIL import Image
 
         rng = np.random.default_rng(0)
         pixels = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
@@ -429,9 +429,37 @@ def _pil_file(path: Path, pre: Preprocess) -> tuple[torch.Tensor | None, str | N
 
 def _pil_row(data: bytes, pre: Preprocess) -> tuple[torch.Tensor | None, str | None]:
     try:
-        return pil_transform(F.pil_decode(data), pre), None
+        return eval_transform(F.pil_decode(data), pre), None
     except Exception as exc:  # PIL raises many types for undecodable data
         return None, F.undecodable(exc)
+
+
+# torchvision's Resize makes the whole resized image before CenterCrop keeps crop x crop of it.
+# Its size follows the image's aspect ratio, not its pixels: a 20000x1 banner at resize 256 is
+# resized to 5,120,000 x 256 (measured: 5.9 GB peak RSS and 18 s for that one image). Beyond
+# this many resized pixels (48 MiB as RGB; at resize 256, an aspect ratio over 256:1) only the
+# region the crop keeps is resized.
+FULL_RESIZE_PIXELS = 1 << 24
+
+
+def eval_transform(img: Image.Image, pre: Preprocess) -> torch.Tensor:
+    """torchvision's eval transform (`data.pil_transform`), in memory bounded by the crop.
+
+    An image whose resized size stays within FULL_RESIZE_PIXELS goes through torchvision itself,
+    so the PIL path stays the reference for every ordinary image. A larger one has just its crop
+    region (`imagefile.crop_box`) resized to crop x crop: the same positions, scale and filter,
+    up to a rounding (as DALI's path), at the cost of the crop alone.
+    """
+    new_h, new_w, _, _ = F.eval_geometry(img.width, img.height, pre.resize, pre.crop)
+    if new_h * new_w <= FULL_RESIZE_PIXELS:
+        return pil_transform(img, pre)
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    box = F.crop_box(img.width, img.height, pre.resize, pre.crop)
+    resample = TF.pil_modes_mapping[InterpolationMode(pre.interpolation)]
+    img = img.resize((pre.crop, pre.crop), resample, box=box)
+    return TF.normalize(TF.pil_to_tensor(img).float().div_(255), pre.mean, pre.std)
 
 
 def _first_line(exc: BaseException) -> str:
