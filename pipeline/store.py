@@ -117,9 +117,12 @@ def create_store(path: Path, *, classes: list[str], splits: Sequence[SplitSpec],
     It is built in a sibling temp folder and renamed into place, so a crash here leaves either
     no store or a complete empty one, never a half-made one that looks valid.
     """
+    # what a run killed here left (this run holds the store's lock, so none of it is live)
+    stale = (f".{path.name}.creating-", f".{path.name}.old-")
+    for entry in path.parent.iterdir() if path.parent.is_dir() else ():
+        if entry.name.startswith(stale):
+            shutil.rmtree(entry, ignore_errors=True)
     tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     try:
         root = zarr.open_group(str(tmp), mode="w")
         for spec in splits:
@@ -521,9 +524,11 @@ def verify_store(group: zarr.Group, progress=None) -> Damage:
                     damage.add(split, c, f"{name} chunk unreadable ({_short(exc)})")
                     continue
                 if name == "features" and done[c]:
-                    ok = g["ok"][lo:lo + rows].astype(bool) if c not in damage.chunks.get(
-                        split, {}) else None
-                    if ok is not None and not np.isfinite(values[ok]).all():
+                    try:
+                        ok = g["ok"][lo:lo + rows].astype(bool)
+                    except Exception:  # found when the loop reaches `ok`
+                        continue
+                    if not np.isfinite(values[ok]).all():
                         damage.add(split, c, "features chunk holds non-finite values")
             if progress is not None:
                 progress.update(min(rows, int(g.attrs["num_samples"]) - lo))

@@ -70,7 +70,15 @@ TAMPERINGS = {
                                "reading"),
     "files chunk truncated": (lambda s: (s / "train/files/c/1").write_bytes(b"\x28\xb5"), None),
     "stat chunk bit flipped": (lambda s: _flip(s / "val/stat/c/1/0"), None),
+    "NaN written with a valid checksum": (lambda s: _write_nan(s), "reading"),
 }
+
+
+def _write_nan(store: Path) -> None:
+    arr = zarr.open_group(str(store), mode="r+")["val"]["features"]
+    row = arr[4].copy()
+    row[7] = np.nan
+    arr[4] = row
 
 
 @pytest.mark.parametrize("name", list(TAMPERINGS))
@@ -88,9 +96,11 @@ def test_a_damaged_store_is_refused_then_repaired_bit_identical(finished, tree, 
     else:
         assert rc == 2 and len(lines) == 1 and not head.exists(), lines
         assert "damaged" in lines[0] and "rerun extract_features.py" in lines[0], lines[0]
-    if seen == "reading":
-        split, array = name.split()[0] == "labels" and ("val", "labels") or ("train", "features")
-        assert f"{split}/{array} chunk" in lines[0] and "--verify" in lines[0], lines[0]
+    if seen == "reading":  # the chunk is named
+        where = {"labels chunk truncated": "val/labels chunk 1",
+                 "features bit flipped": "train/features chunk 0",
+                 "NaN written with a valid checksum": "non-finite features in val chunk 1"}[name]
+        assert where in lines[0] and "--verify" in lines[0], lines[0]
     if seen != "listing":
         # listing alone cannot see a bad checksum: a plain rerun has nothing to do
         assert extract_features.main(extract_args(ckpt, tree, out)) == 0
@@ -346,3 +356,11 @@ def test_a_full_disk_is_one_line_and_the_rerun_finishes(tmp_path, tree, ckpt, li
     a, b = zarr.open_group(str(out)), zarr.open_group(str(clean))
     for split in ("train", "val"):
         assert a[split]["features"][:].tobytes() == b[split]["features"][:].tobytes()
+
+
+def test_what_a_killed_creation_left_is_cleaned(tmp_path, tree, ckpt):
+    for name in (".f.zarr.creating-99999", ".f.zarr.old-99998"):
+        (tmp_path / name / "train").mkdir(parents=True)
+    (tmp_path / ".f.zarr.lock").write_text("{}")  # a killed run's lock file: not held
+    assert extract_features.main(extract_args(ckpt, tree, tmp_path / "f.zarr")) == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".f.zarr")) == []
