@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pipeline.checkpoint import load_head
 from pipeline.cli import log, run_main, script_parser
 from pipeline.errors import DataError
 from pipeline.files import resolve_device
 from pipeline.stitch import stitch, verify_on_images
-from pipeline.train import load_head
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,17 +13,26 @@ container; stage 3 writes the new head into all of them.
 
 Loading is `weights_only=True` with a narrow allowlist (safetensors holds no pickle at all).
 Unsafe unpickling happens only when the user passes --trust-checkpoint; it is never a fallback.
+A file that does not load is explained from the file itself (not a checkpoint, cut short, a
+damaged zip, a global outside the allowlist, named), in one line; head files from
+train_head.py go through the same boundary.
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
+import errno
 import hashlib
 import json
 import logging
+import mmap
+import os
+import re
+import stat
 import struct
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -211,6 +220,7 @@ def is_safetensors(path: Path) -> bool:
 
 def load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors and the header metadata of a .safetensors file (no pickle involved)."""
+    _check_file(path, "checkpoint", "check the path")
     try:
         from safetensors import safe_open
 
@@ -220,12 +230,44 @@ def load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     except ImportError as exc:
         raise CheckpointError(f"{path} is a safetensors file: pip install safetensors") from exc
     except Exception as exc:  # safetensors raises its own error types for damaged files
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"{path} is a damaged safetensors file ({first}); re-copy it") \
-            from exc
+        raise CheckpointError(_explain_safetensors_failure(path, exc)) from exc
     if not tensors:
         raise CheckpointError(f"{path} is a safetensors file with no tensors")
     return tensors, metadata
+
+
+def _explain_safetensors_failure(path: Path, exc: Exception) -> str:
+    """Not a safetensors file at all (a Git LFS pointer, an HTML page), one cut short, or one
+    damaged otherwise: safetensors says "header too large" for all of the first."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    looks = None if head[8:9] == b"{" else _looks_like(head)
+    if looks is not None:
+        return (f"checkpoint {path} is not a safetensors file: it is {looks}; pass "
+                f"{_WANTED['checkpoint']}")
+    size = path.stat().st_size
+    expected = _safetensors_length(path, size)
+    if expected is not None and size < expected:
+        return (f"checkpoint {path} is a damaged safetensors file: cut short ({size:,} of "
+                f"{expected:,} bytes); re-copy it from its source")
+    return f"checkpoint {path} is a damaged safetensors file ({_first_line(exc)}); re-copy it"
+
+
+def _safetensors_length(path: Path, size: int) -> int | None:
+    """The length a safetensors file's header says the file has; None when the header cannot
+    tell (safetensors refuses headers over 100 MB: a larger length is not a header)."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > 100 << 20:
+                return None
+            if 8 + n > size:
+                return 8 + n
+            header = json.loads(f.read(n))
+        return 8 + n + max((v["data_offsets"][1] for k, v in header.items()
+                            if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error):
+        return None
 
 
 def _metadata_classes(metadata: Mapping[str, str]) -> list[str] | None:
@@ -240,18 +282,16 @@ def _metadata_classes(metadata: Mapping[str, str]) -> list[str] | None:
 
 
 def torch_load(path: Path, *, trust: bool) -> Any:
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist (or is not a file)")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes); re-copy it from its source")
+    _check_file(path, "checkpoint", "check the path")
     if trust:
         log.warning("loading %s with full unpickling (--trust-checkpoint)", path)
     try:
         if trust:
             return torch.load(path, map_location="cpu", weights_only=False)
         return safe_load(path)
-    except Exception as exc:  # torch raises many types; every one is "unreadable" to the user
-        raise CheckpointError(_explain_load_failure(path, exc, trust)) from exc
+    except Exception as exc:  # torch raises many types; _explain_load_failure sorts them out
+        raise CheckpointError(_explain_load_failure(
+            path, exc, "checkpoint", lambda name: _checkpoint_global(path, name))) from exc
 
 
 def safe_load(path: Path) -> Any:
@@ -264,24 +304,279 @@ def safe_load(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _explain_load_failure(path: Path, exc: Exception, trust: bool) -> str:
-    text = str(exc)
-    if "Unsupported global" in text or "Unsupported operand" in text:
-        import re
+# What a head file written by train_head.py holds (stitch reads all of these).
+HEAD_KEYS = ("weight", "bias", "classes", "store", "config", "metrics")
+HEAD_STORE_KEYS = ("path", "fingerprint", "backbone_sha256", "arch", "head")
 
-        found = re.search(r"GLOBAL ([\w.]+)", text)
-        what = found.group(1) if found else "an object outside the allowlist"
-        return (
-            f"checkpoint {path} refers to {what}, which is not on the safe-loading allowlist "
-            "(tensors, argparse.Namespace, numpy scalars/dtypes/arrays); if you trust this file, "
-            "rerun with --trust-checkpoint"
-        )
-    if zipfile.is_zipfile(path) or "central directory" in text or "zip archive" in text:
-        return f"checkpoint {path} is damaged or truncated ({text.splitlines()[0]}); re-copy it"
-    if isinstance(exc, EOFError) or "Ran out of input" in text:
-        return f"checkpoint {path} ends early (truncated); re-copy it from its source"
-    first = text.splitlines()[0] if text else type(exc).__name__
-    return f"{path} is not a readable PyTorch checkpoint ({first})"
+
+def load_head(path: Path) -> dict:
+    """A head file written by train_head.py, through the same error boundary as a checkpoint.
+
+    Safe loading only: a head holds plain types and tensors, so --trust-checkpoint never
+    applies to it. A file that loads but is not a head (a checkpoint passed as --head) is
+    refused here, not with a KeyError later.
+    """
+    _check_file(path, "head file", f"run train_head.py first, and pass {_WANTED['head file']}")
+    try:
+        raw = safe_load(path)
+    except Exception as exc:  # as in torch_load
+        raise CheckpointError(_explain_load_failure(
+            path, exc, "head file", lambda name: _head_global(path, name))) from exc
+    problem = _head_problem(raw)
+    if problem is not None:
+        raise CheckpointError(f"head file {path} is not a head written by train_head.py "
+                              f"({problem}); pass {_WANTED['head file']}")
+    return raw
+
+
+def _head_problem(raw: Any) -> str | None:
+    if not isinstance(raw, Mapping):
+        return f"it holds a {type(raw).__name__}"
+    absent = [k for k in HEAD_KEYS if k not in raw]
+    if absent:
+        checkpoint = is_state_dict(raw) or any(k in raw for k in MODEL_KEYS + EMA_KEYS)
+        return (f"it has no {', '.join(absent)}"
+                + ("; it looks like a checkpoint, which goes to --checkpoint" if checkpoint
+                   else ""))
+    weight, bias, classes, store = (raw[k] for k in ("weight", "bias", "classes", "store"))
+    if not (isinstance(weight, torch.Tensor) and weight.ndim == 2
+            and weight.is_floating_point()):
+        return "its weight is not a matrix of floats"
+    rows = weight.shape[0]
+    if not (isinstance(bias, torch.Tensor) and tuple(bias.shape) == (rows,)):
+        return f"its bias is not a vector of {rows} values"
+    if not (isinstance(classes, (list, tuple)) and len(classes) == rows
+            and all(isinstance(c, str) for c in classes)):
+        return f"its classes are not {rows} class names"
+    if not (isinstance(store, Mapping) and all(k in store for k in HEAD_STORE_KEYS)):
+        return "its record of the feature store is incomplete"
+    if not (isinstance(raw["config"], Mapping) and isinstance(raw["metrics"], Mapping)):
+        return "its config or metrics are not records"
+    return None
+
+
+# --- why a file could not be loaded ------------------------------------------------------------
+
+# torch.save's two formats: a zip archive (torch >= 1.6), or the legacy one, a series of pickles
+# whose first is this number.
+_ZIP_MAGIC = b"PK\x03\x04"
+_LEGACY_MAGIC = torch.serialization.MAGIC_NUMBER.to_bytes(10, "little")
+# Files that are often passed where a checkpoint is expected, by their first bytes.
+_LOOKALIKES = (
+    (b"version https://git-lfs", "a Git LFS pointer, not the file (run `git lfs pull` in the "
+                                 "repository it came from)"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"\x89PNG", "a PNG image"),
+    (b"\x89HDF", "an HDF5 file (Keras or TensorFlow weights?)"),
+    (b"\x93NUMPY", "a NumPy .npy array"),
+    (b"\x1f\x8b", "gzip-compressed data (decompress it first)"),
+)
+# What to pass instead of a file that is not one, by what it was given as.
+_WANTED = {"checkpoint": "the checkpoint your training script saved",
+           "head file": "the file train_head.py's --out wrote"}
+_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".safetensors", ".tar")
+# Read errors of the machine, not of the file's content.
+_READ_ERRNOS = (errno.EACCES, errno.EPERM, errno.EIO, errno.ENOENT, errno.ESTALE)
+# Globals that exist to run code or commands: a checkpoint naming one is not a plain mistake.
+_CODE_MODULES = {"os", "posix", "nt", "subprocess", "runpy", "pty", "socket", "shutil",
+                 "ctypes", "importlib", "code", "sys", "webbrowser"}
+_CODE_BUILTINS = {"eval", "exec", "compile", "open", "getattr", "setattr", "__import__",
+                  "breakpoint", "apply"}
+
+
+def _check_file(path: Path, what: str, missing: str) -> None:
+    """Refuse a path that is not a non-empty regular file this process can read, each with its
+    own line: torch.load reports them as something else (an empty file as a pickle error)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise CheckpointError(f"{what} {path} is a link to {os.readlink(path)}, which does "
+                                  f"not exist; {missing}") from None
+        raise CheckpointError(f"{what} {path} does not exist; {missing}") from None
+    except OSError as exc:  # a folder above it this user may not enter, an I/O error
+        raise CheckpointError(_read_failure(path, what, exc)) from exc
+    if stat.S_ISDIR(st.st_mode):
+        raise CheckpointError(f"{what} {path} is a directory; pass the file inside it"
+                              f"{_files_inside(path)}")
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{what} {path} is not a regular file (a pipe or a device); "
+                              "save it to a file and pass that")
+    if st.st_size == 0:
+        raise CheckpointError(f"{what} {path} is empty (0 bytes); re-copy it from its source")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise CheckpointError(_read_failure(path, what, exc)) from exc
+
+
+def _read_failure(path: Path, what: str, exc: OSError) -> str:
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return (f"cannot read {what} {path}: permission denied; make it (and the folders above "
+                "it) readable by this user, or copy it somewhere you can read")
+    return (f"cannot read {what} {path}: {exc.strerror or exc}; check the disk or network file "
+            "system it is on, or copy it to a local disk")
+
+
+def _files_inside(folder: Path) -> str:
+    try:
+        names = sorted(p.name for p in folder.iterdir() if p.suffix in _CHECKPOINT_SUFFIXES)
+    except OSError:
+        return ""
+    if not names:
+        return ""
+    return f" (it holds {', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"
+
+
+def _explain_load_failure(path: Path, exc: Exception, what: str,
+                          on_global: Callable[[str], str]) -> str:
+    """One line on why torch.load could not read `path`: judged from the file first, from
+    torch's message last.
+
+    torch names the step that failed, not the cause: a cut zip fails with EINVAL, a text file
+    as an unknown pickle instruction (or as a GLOBAL when it starts with "c"), a legacy file cut
+    inside a GLOBAL as a global with half a name. So a global is named (`on_global`) only in a
+    file that torch.save writes, whose container is sound as far as it can be checked, and that
+    holds the global whole.
+    """
+    if isinstance(exc, OSError) and exc.errno in _READ_ERRNOS:
+        return _read_failure(path, what, exc)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(512)
+    reason = _torch_reason(exc)
+    legacy = head.startswith(b"\x80") and _LEGACY_MAGIC in head[:32]
+    if not legacy:
+        if not (head.startswith(_ZIP_MAGIC) or zipfile.is_zipfile(path)):
+            return (f"{what} {path} is not a file torch.save wrote: it is "
+                    f"{_looks_like(head) or 'data of an unknown format'}; pass {_WANTED[what]}")
+        problem = _zip_problem(path, size, what)
+        if problem is not None:
+            return f"{what} {path} {problem}"
+        if "PytorchStreamReader" in reason:  # damage that zipfile tolerates and torch does not
+            return f"{what} {path} is a damaged zip archive ({reason}); re-copy it from its source"
+    name = _global_name(exc)
+    if name is not None and (not legacy or _holds_global(path, name)):
+        return on_global(name if "." in name else f"builtins.{name}")  # torch drops builtins.
+    if isinstance(exc, (ModuleNotFoundError, AttributeError)):  # --trust-checkpoint only
+        return (f"{what} {path} pickles objects of code that is not importable here ({reason}): "
+                "run from the code base that wrote it (or add it to PYTHONPATH), or save its "
+                "model.state_dict() with torch.save and pass that")
+    if reason == "Unsupported operand 149" and (not legacy or head[1] >= 4):  # FRAME
+        return (f"{what} {path} was written with pickle protocol 4 or later, which safe loading "
+                "does not read: save it again with torch.save's default protocol")
+    if legacy:
+        cut = (name is not None or isinstance(exc, (EOFError, struct.error))
+               or any(s in reason for s in ("unexpected EOF", "truncated", "Ran out of input")))
+        if cut:
+            return (f"{what} {path} is cut short ({size:,} bytes; its pickled data ends "
+                    "early): an interrupted copy or download leaves this; re-copy it from its "
+                    "source")
+        return f"{what} {path} is damaged or cut short ({reason}); re-copy it from its source"
+    return (f"{what} {path} could not be unpickled ({reason}): it is damaged, or was written "
+            "by an incompatible torch; re-copy it from its source")
+
+
+def _zip_problem(path: Path, size: int, what: str) -> str | None:
+    """What is wrong with a zip archive as a torch.save file (the rest of the message line),
+    or None when torch.save could have written it as it is: every record there and matching
+    its CRC. Read only after torch failed, so a checkpoint that loads is never read twice."""
+    with open(path, "rb") as f:
+        f.seek(max(0, size - (1 << 16) - 22))  # the end record: 22 bytes and a comment
+        tail = f.read()
+    end = tail.rfind(b"PK\x05\x06")
+    if end < 0 or len(tail) - end < 22:
+        return (f"is cut short ({size:,} bytes, and the zip archive's end record is missing): "
+                "an interrupted copy or download leaves this; re-copy it from its source")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            if not any(n.rsplit("/", 1)[-1] == "data.pkl" for n in names):
+                shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+                return (f"is a zip archive that torch.save did not write (no data.pkl; it holds "
+                        f"{shown}); pass {_WANTED[what]}")
+            if any(n.rsplit("/", 1)[-1] == "constants.pkl" for n in names):
+                return ("is a TorchScript archive (torch.jit.save), not a checkpoint: torch.save "
+                        "the model's state_dict() and pass that")
+            bad = archive.testzip()
+    except Exception as exc:  # zipfile raises BadZipFile, OSError, ValueError... on damage
+        return f"is a damaged zip archive ({_first_line(exc)}); re-copy it from its source"
+    if bad is not None:
+        return (f"is damaged: its record {bad} fails its CRC or header check; re-copy it from "
+                "its source")
+    return None
+
+
+def _looks_like(head: bytes) -> str | None:
+    """What a file that is not a checkpoint is, from its first bytes; None when unknown."""
+    for magic, name in _LOOKALIKES:
+        if head.startswith(magic):
+            return name
+    if head.startswith(b"\x80"):
+        return "a Python pickle that torch.save did not write"
+    try:  # a multi-byte character cut at the end of `head` is kept back, not an error
+        text = codecs.getincrementaldecoder("utf-8")().decode(head)
+    except UnicodeDecodeError:
+        return None
+    if not all(c.isprintable() or c in "\t\n\r\f" for c in text):
+        return None
+    text = text.strip()
+    if text.startswith("<"):
+        return "an HTML or XML page (a download that returned a web page?)"
+    return f"text ({text[:40]!r})"
+
+
+def _torch_reason(exc: Exception) -> str:
+    """The line of torch's message that says what failed (not its advice on weights_only)."""
+    boiler = ("Weights only load failed", "Please file an issue", "Check the documentation",
+              "In PyTorch 2.6", "(1) ", "(2) ")
+    lines = [ln.strip() for ln in str(exc).splitlines()]
+    found = [ln for ln in lines if ln and not ln.startswith(boiler)]
+    line = (found[0] if found else type(exc).__name__).removeprefix("WeightsUnpickler error: ")
+    line = re.sub(r"^\[enforce fail at [^\]]*\] \. ", "", line)  # torch's C++ location
+    return line.split(". ")[0]  # miniz's and torch's advice follow the first sentence
+
+
+def _global_name(exc: Exception) -> str | None:
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    return found.group(1) if found else None
+
+
+def _holds_global(path: Path, name: str) -> bool:
+    """Whether the file holds GLOBAL `name` whole (module, newline, name, newline), not one cut
+    at the file's end. For legacy files, which have no checksum to tell a cut."""
+    parts = name.split(".")
+    needles = [".".join(parts[:i]).encode() + b"\n" + ".".join(parts[i:]).encode() + b"\n"
+               for i in range(1, len(parts))] or [b"\n" + name.encode() + b"\n"]
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        return any(data.find(n) >= 0 for n in needles)
+
+
+def _runs_code(name: str) -> bool:
+    module, _, attr = name.rpartition(".")
+    return (module.split(".")[0] in _CODE_MODULES
+            or module in ("builtins", "__builtin__") and attr in _CODE_BUILTINS)
+
+
+def _checkpoint_global(path: Path, name: str) -> str:
+    if _runs_code(name):
+        return (f"checkpoint {path} refers to {name}, which runs code or commands when the file "
+                "is unpickled, and a checkpoint never needs it; nothing was loaded and nothing "
+                "ran. Get the file from its source again; --trust-checkpoint would run it")
+    return (f"checkpoint {path} refers to {name}, which is not on the safe-loading allowlist "
+            "(tensors, argparse.Namespace, numpy scalars/dtypes/arrays); nothing in it was run. "
+            "If you trust where the file came from, rerun with --trust-checkpoint, which runs "
+            "any code the file holds")
+
+
+def _head_global(path: Path, name: str) -> str:
+    return (f"head file {path} refers to {name}, which a head written by train_head.py never "
+            f"holds; nothing in it was run. Pass {_WANTED['head file']}, or rerun train_head.py")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
 def is_state_dict(obj: Any) -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import errno
 import logging
 import os
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .errors import QuickFixError
+from .files import explain
 
 log = logging.getLogger("quickfix")
 
@@ -89,24 +89,11 @@ def run_main(body: Callable[[argparse.Namespace], int], parser: argparse.Argumen
         return 2
 
 
-_ERRNO_ADVICE = {
-    errno.ENOSPC: "no space left on the device: free some (or write elsewhere) and rerun the "
-                  "same command; finished work is kept",
-    errno.EDQUOT: "disk quota exceeded: free some space (or write elsewhere) and rerun the same "
-                  "command; finished work is kept",
-    errno.EFBIG: "file too large for this file system or process limit (ulimit -f)",
-    errno.EROFS: "the file system is read-only: write somewhere else",
-    errno.EACCES: "permission denied: check the path's owner and mode",
-    errno.EPERM: "operation not permitted: check the path's owner and mode",
-    errno.EIO: "input/output error: the disk or network file system failed; check it and rerun",
-}
-
-
 def environment_message(exc: OSError) -> str:
     """One line for an error of the machine: what happened, on which path, and what to do."""
+    folder = os.path.dirname(exc.filename) if isinstance(exc.filename, str) else None
     where = f" ({exc.filename})" if exc.filename else ""
-    advice = _ERRNO_ADVICE.get(exc.errno)
-    return f"{advice}{where}" if advice else f"{exc.strerror or exc}{where}"
+    return f"{explain(exc, folder)}{where}"
 
 
 def package_versions() -> dict[str, str]:

@@ -160,9 +160,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(data: Path, buggy: Path, fixed: Path, reference: Path, head_path: Path) -> None:
     """Val top-1 end to end on the images (full model, torchvision path), correct labels."""
+    from .checkpoint import load_head
     from .files import resolve_device
     from .stitch import verify_on_images
-    from .train import load_head
 
     head = load_head(head_path)
     device = resolve_device("auto")

@@ -3,14 +3,17 @@
 `atomic_write` is the one place that writes a file: a temp file beside the target, fsync,
 an optional check of the written file, `os.replace`, fsync of the folder. A reader sees the old
 file or the new one, never a part; a kill leaves at most a temp file, which the next write to
-the same target removes (when its writer is gone). A full disk, a quota or a read-only folder
-is one line naming the file, not a traceback.
+the same target removes (when its writer is gone). A full disk, a quota, a file-size limit, a
+read-only file system or a folder this user may not write is one line naming the file, the
+system's reason and what to do, not a traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -38,7 +41,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None], *,
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale(path)
     except OSError as exc:
-        raise WriteError(f"cannot write {path}: {_first_line(exc)}{what}") from exc
+        raise _write_failure(path, exc, what) from exc
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     try:
         try:
@@ -47,17 +50,66 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None], *,
                 f.flush()
                 os.fsync(f.fileno())
         except failures as exc:
-            raise WriteError(f"cannot write {path}: {_first_line(exc)}{what}") from exc
+            raise _write_failure(path, exc, what) from exc
         if check is not None:
             check(tmp)
         try:
             os.replace(tmp, path)
             fsync_dir(path.parent)
         except OSError as exc:
-            raise WriteError(f"cannot write {path}: {_first_line(exc)}{what}") from exc
+            raise _write_failure(path, exc, what) from exc
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp.exists():  # a read-only file system refuses even to unlink a missing file
+            tmp.unlink()
         raise
+
+
+# What to do when a write fails, by errno (the system's own words come first in the line).
+_WRITE_ADVICE = {
+    errno.ENOSPC: "free space on that file system, or write it elsewhere",
+    errno.EDQUOT: "free space within your quota, or write it elsewhere",
+    errno.EFBIG: "the file system or this process's file-size limit (ulimit -f) does not allow "
+                 "a file this large: write it elsewhere, or raise the limit",
+    errno.EROFS: "write it to a writable file system",
+    errno.EACCES: "this user may not write in {folder}: write it elsewhere, or change the "
+                  "folder's permissions",
+    errno.EPERM: "this user may not write in {folder}: write it elsewhere, or change the "
+                 "folder's permissions",
+    errno.EIO: "the disk or network file system failed: check it, then rerun",
+}
+
+
+def _write_failure(path: Path, exc: BaseException, what: str) -> WriteError:
+    cause = _os_error(exc)
+    if cause is None:
+        return WriteError(f"cannot write {path}: {_first_line(exc)}{what}")
+    return WriteError(f"cannot write {path}: {explain(cause, path.parent)}{what}")
+
+
+def explain(exc: OSError, folder: Path | str | None = None) -> str:
+    """The system's words for a failed write and what to do ("No space left on device; free
+    space on that file system, or write it elsewhere")."""
+    advice = _WRITE_ADVICE.get(exc.errno)
+    if advice and "{folder}" in advice:
+        advice = advice.format(folder=folder or "that folder")
+    return f"{exc.strerror or exc}{f'; {advice}' if advice else ''}"
+
+
+def _os_error(exc: BaseException | None) -> OSError | None:
+    """The system's error behind `exc`. torch.save reports a failed write as a RuntimeError
+    ("[enforce fail at inline_container.cc] unexpected pos") raised while the file object's
+    OSError is being handled; safetensors (Rust) puts the errno in its message."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno:
+            return exc
+        code = re.search(r"\b(?:os error |code: )(\d+)", str(exc))  # Display, Debug
+        if code:
+            number = int(code.group(1))
+            return OSError(number, os.strerror(number))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -37,13 +37,13 @@ from .checkpoint import (
     backbone_digest,
     is_state_dict,
     load_checkpoint,
+    load_head,
     load_safetensors,
     torch_load,
 )
 from .errors import CheckpointError, DataError
 from .files import atomic_write
 from .models import build_model, head_out_features
-from .train import load_head
 
 log = logging.getLogger("quickfix")
 

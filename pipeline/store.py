@@ -46,6 +46,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from .data import stored_name
 from .errors import DataError, StoreError
+from .files import explain
 
 log = logging.getLogger("quickfix")
 
@@ -311,11 +312,10 @@ class ChunkWriter:
         if self._error is not None and not isinstance(self._error, _Aborted):
             err = self._error
             if isinstance(err, OSError):
-                from .cli import environment_message
-
                 where = getattr(self.group.store, "root", self.group.store)
-                raise StoreError(f"cannot write the feature store {where}: "
-                                 f"{environment_message(err)}") from err
+                raise StoreError(f"cannot write the feature store {where}: {explain(err)}; "
+                                 "the chunks written so far are kept: rerun the same command "
+                                 "to resume") from err
             raise err
 
     def _loop(self) -> None:

@@ -468,11 +468,3 @@ def _old_head(path: Path, components: dict, classes: list[str], dim: int, stored
     if bias is None:
         bias = torch.zeros(len(classes))
     return weight.detach().float(), bias.detach().float()
-
-
-def load_head(path: Path) -> dict:
-    """A head file written by train_head.py (safe to load: plain types and tensors only)."""
-    if not path.is_file():
-        raise DataError(f"head file {path} does not exist; run train_head.py first")
-    return torch.load(path, map_location="cpu", weights_only=True)
-
