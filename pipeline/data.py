@@ -70,7 +70,13 @@ def read_class_order(path: Path) -> list[str]:
     """A class-order file: one class id per line, or imagenet_class_index.json form."""
     if not path.is_file():
         raise DataError(f"--class-order {path} does not exist")
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"--class-order {path} is not UTF-8 text (byte {exc.start}): save it as "
+                        "UTF-8, one class id per line or imagenet_class_index.json") from exc
+    except OSError as exc:
+        raise DataError(f"--class-order {path}: cannot read it ({exc.strerror})") from exc
     if text.lstrip().startswith(("{", "[")):
         classes = _parse_json_order(path, text)
     else:
@@ -111,6 +117,8 @@ def scan_split(name: str, split_root: Path, classes: Sequence[str]) -> Split:
     files: list[str] = []
     labels: list[int] = []
     stats: list[tuple[int, int]] = []
+    seen: set[tuple[int, int]] = set()  # folders by identity: links are followed, once each
+    again: list[str] = []
     for folder in class_folders(split_root):
         if folder not in index:
             raise DataError(
@@ -118,6 +126,15 @@ def scan_split(name: str, split_root: Path, classes: Sequence[str]) -> Split:
                 "add it to --class-order or remove the folder"
             )
         for dirpath, dirnames, filenames in os.walk(split_root / folder, followlinks=True):
+            try:
+                st = os.stat(dirpath)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) in seen:  # a link loop, or a link to a folder seen
+                again.append(os.path.relpath(dirpath, split_root))
+                dirnames[:] = []
+                continue
+            seen.add((st.st_dev, st.st_ino))
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for fname in sorted(filenames):
                 if fname.startswith(".") or not fname.lower().endswith(IMG_EXTENSIONS):
@@ -130,6 +147,10 @@ def scan_split(name: str, split_root: Path, classes: Sequence[str]) -> Split:
                     stats.append((st.st_size, st.st_mtime_ns))
                 except OSError:  # a broken link: quarantined when it is read
                     stats.append((-1, -1))
+    if again:
+        log.warning("split %s: %d linked folder(s) lead to folders already scanned (%s%s); "
+                    "their images are taken once", name, len(again), ", ".join(again[:3]),
+                    ", ..." if len(again) > 3 else "")
     if not files:
         raise DataError(f"split {name}: no image files under {split_root}")
     return Split(name, split_root, files, np.asarray(labels, dtype=np.int32),

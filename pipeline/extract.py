@@ -543,6 +543,11 @@ def _open_or_create(job: Job, out: Path, *, overwrite: bool, verify: bool, rank:
     independent jobs that share the store on purpose, take none)."""
     if held is not None:
         held.enter_context(S.WriterLock(out))
+    if rank == 0 and S.is_damaged_store(out) and not overwrite:
+        if not S.restore_root(out, fingerprint=job.components, **job.create_kwargs):
+            S.open_store(out)  # says what is wrong, and that --overwrite makes it anew
+        log.warning("%s had lost its root metadata (zarr.json); its splits record these "
+                    "inputs, so it was written again from them", out)
     if S.is_store(out):
         group = S.open_store(out, mode="r+")
         stored = group.attrs["fingerprint"]["components"]

@@ -76,6 +76,8 @@ _WRITE_ADVICE = {
     errno.EPERM: "this user may not write in {folder}: write it elsewhere, or change the "
                  "folder's permissions",
     errno.EIO: "the disk or network file system failed: check it, then rerun",
+    errno.EEXIST: "a part of the path is a file, not a folder: choose another path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path",
 }
 
 

@@ -11,6 +11,7 @@ Layout (documented for users in README.md):
         stat       [N, 2]        int64, the file's size and mtime_ns when the store was made
         ok         [N]           uint8, 1 = features valid, 0 = quarantined (row left at 0)
         reasons    [N]           str, why a row was quarantined (or how it was rescued), else ""
+        digests    [num_chunks, 6] uint32, crc32 of the chunk's file in each of DIGESTED
         chunk_done [num_chunks]  uint8, 1 once every array's rows of that chunk are written
 
 Every chunk of every array carries a crc32c codec, so a flipped bit fails loudly on read.
@@ -21,6 +22,9 @@ writers (torchrun ranks) that own disjoint chunk ranges never touch the same fil
 Every chunk is written even when it equals the fill value (zarr skips those by default), so a
 store proves itself by listing: each chunk that `chunk_done` marks has a file in every array
 (`check_store`, milliseconds at ImageNet scale); `verify_store` reads and checks every chunk.
+A checksum proves a chunk file intact, not that it is the file of its position (a chunk copied
+over another passes it): `digests` records the crc32 of each array's chunk file at the commit
+point, so a file at the wrong place is found by `verify_store`, and by stage 2 as it reads.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import shutil
 import threading
 import time
 import warnings
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,8 +56,9 @@ from .files import explain
 log = logging.getLogger("quickfix")
 
 FORMAT = "quickfix-labels/features"
-FORMAT_VERSION = 2  # 2: every chunk written (fill-valued ones too), the `stat` array
-ARRAYS = ("features", "labels", "files", "stat", "ok", "reasons", "chunk_done")
+FORMAT_VERSION = 2  # 2: every chunk written (fill-valued ones too), `stat`, `digests`
+ARRAYS = ("features", "labels", "files", "stat", "ok", "reasons", "digests", "chunk_done")
+DIGESTED = ("features", "labels", "files", "stat", "ok", "reasons")  # digests' columns
 # written when the store is made, from the file scan; the others as the backbone runs
 SCAN_ARRAYS = ("labels", "files", "stat")
 _ALL_CHUNKS = {"write_empty_chunks": True}
@@ -89,15 +95,31 @@ def is_store(path: Path) -> bool:
     if not meta.is_file():
         return False
     try:
-        attrs = json.loads(meta.read_text()).get("attributes", {})
-    except (OSError, json.JSONDecodeError):
+        attrs = json.loads(meta.read_bytes()).get("attributes", {})
+    except (OSError, ValueError, AttributeError):  # unreadable, not UTF-8, not JSON, not a dict
         return False
-    return attrs.get("format") == FORMAT
+    return isinstance(attrs, dict) and attrs.get("format") == FORMAT
+
+
+def is_damaged_store(path: Path) -> bool:
+    """A folder with a split of ours in it whose root metadata is missing or unreadable: what it
+    was made from is lost, so it can only be made anew."""
+    if not path.is_dir() or is_store(path):
+        return False
+    try:
+        return any((d / "chunk_done").is_dir() and (d / "features").is_dir()
+                   for d in path.iterdir() if d.is_dir())
+    except OSError:
+        return False
 
 
 def open_store(path: Path, mode: str = "r") -> zarr.Group:
     if not path.exists():
         raise StoreError(f"feature store {path} does not exist; run extract_features.py first")
+    if is_damaged_store(path):
+        raise StoreError(f"the feature store {path} is damaged: its root metadata (zarr.json) is "
+                         "missing or unreadable, so what it was made from is unknown; rerun "
+                         "extract_features.py with --overwrite to make it anew")
     if not is_store(path):
         raise StoreError(f"{path} is not a Quick Fix Labels feature store (no {FORMAT} group)")
     group = zarr.open_group(str(path), mode=mode)
@@ -128,16 +150,9 @@ def create_store(path: Path, *, classes: list[str], splits: Sequence[SplitSpec],
         root = zarr.open_group(str(tmp), mode="w")
         for spec in splits:
             _create_split(root, spec, feature_dim=feature_dim, dtype=dtype,
-                          chunk_rows=chunk_rows)
-        root.attrs.update({
-            "classes": list(classes),
-            "splits": [s.name for s in splits],
-            "fingerprint": {"digest": fingerprint_digest(fingerprint), "components": fingerprint},
-            "record": record,
-            **(extra_attrs or {}),
-        })
-        # The format marker goes last: only a fully created store is recognised as one.
-        root.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION})
+                          chunk_rows=chunk_rows, digest=fingerprint_digest(fingerprint))
+        _write_root(root, classes=classes, splits=[s.name for s in splits],
+                    fingerprint=fingerprint, record=record, extra_attrs=extra_attrs)
         _fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves nothing half-made
@@ -152,14 +167,53 @@ def create_store(path: Path, *, classes: list[str], splits: Sequence[SplitSpec],
     return zarr.open_group(str(path), mode="r+")
 
 
+def _write_root(root: zarr.Group, *, classes: Sequence[str], splits: Sequence[str],
+                fingerprint: dict, record: dict, extra_attrs: dict | None) -> None:
+    root.attrs.update({
+        "classes": list(classes),
+        "splits": list(splits),
+        "fingerprint": {"digest": fingerprint_digest(fingerprint), "components": fingerprint},
+        "record": record,
+        **(extra_attrs or {}),
+    })
+    # The format marker goes last: only a fully created store is recognised as one.
+    root.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION})
+
+
+def restore_root(path: Path, *, classes: Sequence[str], splits: Sequence[SplitSpec],
+                 fingerprint: dict, record: dict, extra_attrs: dict | None = None, **_) -> bool:
+    """Rewrite a store's lost root metadata from the inputs of this run, when every split of the
+    store records (in its own attributes) the digest of exactly these inputs; False otherwise
+    (then only --overwrite can make the store anew). Takes `create_store`'s arguments."""
+    digest = fingerprint_digest(fingerprint)
+    names = [s.name for s in splits]
+    present = [d.name for d in path.iterdir() if d.is_dir() and (d / "chunk_done").is_dir()]
+    if not present or set(present) - set(names):
+        return False
+    for name in present:
+        try:
+            attrs = json.loads((path / name / "zarr.json").read_bytes()).get("attributes", {})
+        except (OSError, ValueError, AttributeError):
+            continue  # a damaged split: rebuilt by the repair that follows
+        if not isinstance(attrs, dict) or attrs.get("fingerprint") != digest:
+            return False
+    (path / "zarr.json").unlink(missing_ok=True)
+    _write_root(zarr.open_group(str(path), mode="a"), classes=classes, splits=names,
+                fingerprint=fingerprint, record=record, extra_attrs=extra_attrs)
+    _fsync_tree(path, names=("zarr.json",))
+    return True
+
+
 def _create_split(root: zarr.Group, spec: SplitSpec, *, feature_dim: int, dtype: str,
-                  chunk_rows: int) -> None:
-    """One split's arrays, with the scan's arrays (labels, files, stat) written."""
+                  chunk_rows: int, digest: str) -> None:
+    """One split's arrays, with the scan's arrays (labels, files, stat) written. The split
+    records the digest of the store's inputs, so a store whose root metadata is lost can be
+    told to be the same inputs' (`restore_root`)."""
     n = len(spec.files)
     num_chunks = -(-n // chunk_rows)
     g = root.create_group(spec.name, overwrite=True)
     g.attrs.update({"num_samples": n, "chunk_rows": chunk_rows, "num_chunks": num_chunks,
-                    "feature_dim": feature_dim})
+                    "feature_dim": feature_dim, "fingerprint": digest})
     packed = [ZstdCodec(level=3), Crc32cCodec()]
     g.create_array("features", shape=(n, feature_dim), chunks=(chunk_rows, feature_dim),
                    dtype=dtype, fill_value=0, compressors=[Crc32cCodec()])
@@ -170,14 +224,18 @@ def _create_split(root: zarr.Group, spec: SplitSpec, *, feature_dim: int, dtype:
                    compressors=packed)
     for name in ("files", "reasons"):
         g.create_array(name, shape=(n,), chunks=(chunk_rows,), dtype=str, compressors=packed)
+    g.create_array("digests", shape=(num_chunks, len(DIGESTED)), chunks=(1, len(DIGESTED)),
+                   dtype="uint32", fill_value=0, compressors=[Crc32cCodec()])
     g.create_array("chunk_done", shape=(num_chunks,), chunks=(1,), dtype="uint8",
                    fill_value=0, compressors=[Crc32cCodec()])
     for name, values in spec.scan_rows(0, n).items():
         g[name].with_config(_ALL_CHUNKS)[:] = values
 
 
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, filenames in os.walk(root):
+def _fsync_tree(root: Path, names: Sequence[str] | None = None) -> None:
+    """fsync every file under `root` (only `root`'s own `names`, when given)."""
+    walk = [(str(root), [], list(names))] if names is not None else os.walk(root)
+    for dirpath, _, filenames in walk:
         for name in filenames:
             fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
             try:
@@ -190,7 +248,7 @@ def check_replaceable(path: Path) -> None:
     """--overwrite may only replace one of our stores or an empty folder, never user data."""
     if not path.exists():
         return
-    if path.is_dir() and (is_store(path) or not any(path.iterdir())):
+    if path.is_dir() and (is_store(path) or is_damaged_store(path) or not any(path.iterdir())):
         return
     raise StoreError(
         f"--out {path} exists and is not a feature store; refusing to replace it: "
@@ -237,9 +295,27 @@ def write_chunk(group: zarr.Group, split: str, chunk: int, features: np.ndarray,
     arrays[1][lo:hi] = ok.astype(np.uint8)
     arrays[2][lo:hi] = np.asarray(reasons, dtype=str)
     _fsync_chunks(arrays, chunk)
+    digests = g["digests"]
+    digests[chunk] = [chunk_digest(group, split, name, chunk) for name in DIGESTED]
+    _fsync_chunks((digests,), chunk)
     done = g["chunk_done"]
     done[chunk] = 1
     _fsync_chunks((done,), chunk)
+
+
+def chunk_path(group: zarr.Group, split: str, name: str, chunk: int) -> Path:
+    """The file that holds `chunk` of array `name` (a local store)."""
+    arr = group[split][name]
+    key = arr.metadata.encode_chunk_key((chunk,) + (0,) * (arr.ndim - 1))
+    return Path(group.store.root) / split / name / key
+
+
+def chunk_digest(group: zarr.Group, split: str, name: str, chunk: int) -> int:
+    """crc32 of a chunk's file as stored (0 when it has none)."""
+    try:
+        return zlib.crc32(chunk_path(group, split, name, chunk).read_bytes())
+    except FileNotFoundError:
+        return 0
 
 
 def _fsync_chunks(arrays, chunk: int) -> None:
@@ -445,7 +521,7 @@ def _chunk_files(group: zarr.Group, split: str, name: str) -> set[int]:
         entries = list(os.scandir(base))
     except FileNotFoundError:
         return set()
-    two_d = name in ("features", "stat")
+    two_d = group[split][name].ndim == 2
     found = set()
     for e in entries:
         if not e.name.isdigit():
@@ -488,9 +564,12 @@ def check_store(group: zarr.Group) -> Damage:
         except Exception:
             damage.splits[split] = "its metadata is missing or unreadable"
             continue
-        if missing or any(g[a].shape[0] != (n if a != "chunk_done" else -(-n // rows))
-                          for a in ARRAYS):
-            damage.splits[split] = f"array(s) {', '.join(missing) or 'of another shape'} missing"
+        per_chunk = ("digests", "chunk_done")
+        if missing:
+            damage.splits[split] = f"array(s) {', '.join(missing)} missing or unreadable"
+            continue
+        if any(g[a].shape[0] != (-(-n // rows) if a in per_chunk else n) for a in ARRAYS):
+            damage.splits[split] = "arrays of the wrong shape"
             continue
         num_chunks = -(-n // rows)
         done = _read_done(group, split, damage)
@@ -505,7 +584,8 @@ def check_store(group: zarr.Group) -> Damage:
 
 def verify_store(group: zarr.Group, progress=None) -> Damage:
     """Damage found by reading every chunk of every array: `check_store`'s, plus chunks that fail
-    their checksum or cannot be decoded, and non-finite features in rows marked ok."""
+    their checksum or cannot be decoded, files that are not the one written at their position
+    (`digests`), and non-finite features in rows marked ok."""
     damage = check_store(group)
     for split in group.attrs["splits"]:
         if split in damage.splits:
@@ -513,9 +593,10 @@ def verify_store(group: zarr.Group, progress=None) -> Damage:
         g = group[split]
         rows = int(g.attrs["chunk_rows"])
         done = _read_done(group, split, damage)
+        digests = read_noting(group, split, "digests", damage)
         for c in range(done.size):
             lo = c * rows
-            for name in ARRAYS[:-1]:
+            for name in ARRAYS[:-2]:
                 if name not in SCAN_ARRAYS and not done[c]:
                     continue
                 try:
@@ -523,6 +604,9 @@ def verify_store(group: zarr.Group, progress=None) -> Damage:
                 except Exception as exc:
                     damage.add(split, c, f"{name} chunk unreadable ({_short(exc)})")
                     continue
+                if done[c] and chunk_digest(group, split, name, c) != digests[c][
+                        DIGESTED.index(name)]:
+                    damage.add(split, c, misplaced(name))
                 if name == "features" and done[c]:
                     try:
                         ok = g["ok"][lo:lo + rows].astype(bool)
@@ -533,6 +617,27 @@ def verify_store(group: zarr.Group, progress=None) -> Damage:
             if progress is not None:
                 progress.update(min(rows, int(g.attrs["num_samples"]) - lo))
     return damage
+
+
+def misplaced(name: str) -> str:
+    return f"{name} chunk file is not the one written there (its crc32 differs from `digests`)"
+
+
+def check_digests(group: zarr.Group, split: str, names: Sequence[str],
+                  digests: np.ndarray | None = None, chunks=None) -> np.ndarray:
+    """Raise a StoreError (naming split, array and chunk) when a chunk file of `names` is not
+    the one written at its position; returns the split's digests for later checks."""
+    if digests is None:
+        digests = read_rows(group, split, "digests")
+    for c in range(digests.shape[0]) if chunks is None else chunks:
+        for name in names:
+            if chunk_digest(group, split, name, c) != digests[c][DIGESTED.index(name)]:
+                where = getattr(group.store, "root", group.store)
+                raise StoreError(f"the feature store {where} is damaged: {split}/{name} chunk {c} "
+                                 "is not the file written there (its crc32 differs from the "
+                                 "one recorded in `digests`); rerun extract_features.py with "
+                                 "the same arguments and --verify to repair it")
+    return digests
 
 
 def _short(exc: BaseException) -> str:
@@ -566,7 +671,7 @@ def repair(group: zarr.Group, damage: Damage, specs: Sequence[SplitSpec], *, fea
     for split in damage.splits:
         shutil.rmtree(Path(group.store.root) / split, ignore_errors=True)
         _create_split(group, by_name[split], feature_dim=feature_dim, dtype=dtype,
-                      chunk_rows=chunk_rows)
+                      chunk_rows=chunk_rows, digest=group.attrs["fingerprint"]["digest"])
     for split, bad in damage.chunks.items():
         if split in damage.splits or not bad:
             continue

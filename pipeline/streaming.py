@@ -24,7 +24,7 @@ import torch
 
 from .errors import StoreError
 from .head import Features
-from .store import read_rows
+from .store import check_digests, read_rows
 
 log = logging.getLogger("quickfix")
 
@@ -47,6 +47,9 @@ class StoreRows:
         self.chunk_rows = int(g.attrs["chunk_rows"])
         # the split's, all rows
         self.labels = read_rows(group, split, "labels") if labels is None else labels
+        # each chunk's file is checked to be the one written at its position, on its first read
+        self.digests = read_rows(group, split, "digests")
+        self.checked: set[int] = set()
         self.side = side
         self.rows = int(mask.sum())
         if side is not None:
@@ -73,6 +76,9 @@ class StoreRows:
         side rows' flags."""
         lo = chunk * self.chunk_rows
         x = read_rows(self.group, self.split, "features", lo, lo + self.chunk_rows)
+        if chunk not in self.checked:
+            check_digests(self.group, self.split, ("features",), self.digests, [chunk])
+            self.checked.add(chunk)
         keep = self.mask[lo:lo + len(x)]
         if not np.isfinite(x[keep]).all():
             raise StoreError(f"the feature store {self.group.store.root} holds non-finite "

@@ -223,6 +223,7 @@ def load(features: Path, checkpoint: Path | None, settings: Settings, trust: boo
                          "extract_features.py with the same arguments to repair it")
     for split in splits:
         S.verify_complete(group, split)
+        S.check_digests(group, split, ("labels", "ok"))  # the features: as they are read
     classes = list(group.attrs["classes"])
     components = group.attrs["fingerprint"]["components"]
     dim = int(components["feature_dim"])

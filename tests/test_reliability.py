@@ -71,6 +71,13 @@ TAMPERINGS = {
     "files chunk truncated": (lambda s: (s / "train/files/c/1").write_bytes(b"\x28\xb5"), None),
     "stat chunk bit flipped": (lambda s: _flip(s / "val/stat/c/1/0"), None),
     "NaN written with a valid checksum": (lambda s: _write_nan(s), "reading"),
+    # another chunk's file, intact (its checksum passes), at the wrong position
+    "labels chunk swapped": (lambda s: shutil.copyfile(s / "train/labels/c/0",
+                                                       s / "train/labels/c/2"), "reading"),
+    "features chunk swapped": (lambda s: shutil.copyfile(s / "train/features/c/0/0",
+                                                         s / "train/features/c/1/0"), "reading"),
+    "ok chunk swapped": (lambda s: shutil.copyfile(s / "val/ok/c/1", s / "val/ok/c/0"),
+                         "reading"),
 }
 
 
@@ -99,7 +106,10 @@ def test_a_damaged_store_is_refused_then_repaired_bit_identical(finished, tree, 
     if seen == "reading":  # the chunk is named
         where = {"labels chunk truncated": "val/labels chunk 1",
                  "features bit flipped": "train/features chunk 0",
-                 "NaN written with a valid checksum": "non-finite features in val chunk 1"}[name]
+                 "NaN written with a valid checksum": "val/features chunk 1 is not the file",
+                 "labels chunk swapped": "train/labels chunk 2 is not the file",
+                 "features chunk swapped": "train/features chunk 1 is not the file",
+                 "ok chunk swapped": "val/ok chunk 0 is not the file"}[name]
         assert where in lines[0] and "--verify" in lines[0], lines[0]
     if seen != "listing":
         # listing alone cannot see a bad checksum: a plain rerun has nothing to do
@@ -364,3 +374,59 @@ def test_what_a_killed_creation_left_is_cleaned(tmp_path, tree, ckpt):
     (tmp_path / ".f.zarr.lock").write_text("{}")  # a killed run's lock file: not held
     assert extract_features.main(extract_args(ckpt, tree, tmp_path / "f.zarr")) == 0
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".f.zarr")) == []
+
+
+@pytest.mark.parametrize("damage", ["garbage", "deleted"])
+def test_a_store_whose_root_metadata_is_lost_is_restored_from_its_splits(
+        finished, tree, ckpt, capsys, tmp_path, damage):
+    out, pristine = finished
+    meta = out / "zarr.json"
+    meta.write_bytes(b"\x00\xff\xfe garbage") if damage == "garbage" else meta.unlink()
+    (out / "val/features/c/0/0").unlink()  # and a chunk, repaired in the same run
+    capsys.readouterr()
+    assert train_head.main(["--features", str(out), "--out", str(tmp_path / "h.pt")]) == 2
+    (line,) = errors(capsys)
+    assert "root metadata (zarr.json) is missing or unreadable" in line
+    # other settings cannot claim it: only --overwrite makes it anew
+    assert extract_features.main(extract_args(ckpt, tree, out, "--crop", "40")) == 2
+    (line,) = errors(capsys)
+    assert "root metadata (zarr.json) is missing or unreadable" in line and "--overwrite" in line
+    # the same command: its splits record these inputs, so the root is written again
+    assert extract_features.main(extract_args(ckpt, tree, out)) == 0
+    assert "lost its root metadata" in capsys.readouterr().err
+    got, want = all_files(out), all_files(pristine)
+    assert got.keys() == want.keys()
+    assert {k: v for k, v in got.items() if k != "zarr.json"} == \
+        {k: v for k, v in want.items() if k != "zarr.json"}
+    assert S.open_store(out).attrs["fingerprint"] == S.open_store(pristine).attrs["fingerprint"]
+    assert train_head.main(["--features", str(out), "--out", str(tmp_path / "h.pt")]) == 0
+
+
+def test_link_loops_are_followed_once(tmp_path, tree, ckpt, capsys):
+    folder = tree / "train" / "n01"
+    n = len(list(folder.iterdir()))
+    (folder / "a").symlink_to(".")
+    (folder / "b").symlink_to(".")
+    (tree / "train" / "n02" / "elsewhere").symlink_to(folder)
+    out = tmp_path / "f.zarr"
+    assert extract_features.main(extract_args(ckpt, tree, out)) == 0
+    files = list(S.open_store(out)["train"]["files"][:])
+    assert sum(f.startswith("n01/") for f in files) == n and len(files) == len(set(files))
+    assert "3 linked folder(s) lead to folders already scanned" in capsys.readouterr().err
+
+
+def test_a_class_order_that_is_not_utf8_is_one_line(tmp_path, tree, ckpt, capsys):
+    order = tmp_path / "order.txt"
+    order.write_bytes(b"n01\nn0\xff2\nn03\n")
+    rc = extract_features.main(extract_args(ckpt, tree, tmp_path / "f.zarr", "--class-order",
+                                            str(order)))
+    (line,) = errors(capsys)
+    assert rc == 2 and "is not UTF-8 text" in line
+
+
+def test_an_out_below_a_file_is_one_line(tmp_path, tree, ckpt, capsys):
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "f.zarr"
+    assert extract_features.main(extract_args(ckpt, tree, out)) == 2
+    (line,) = errors(capsys)
+    assert "a part of the path is a file, not a folder" in line
