@@ -570,15 +570,17 @@ def _open_or_create(job: Job, out: Path, *, overwrite: bool, verify: bool, rank:
 
 def _prove(group, job: Job, out: Path, verify: bool) -> None:
     """An existing store of these inputs: every chunk marked done must be there (by listing; by
-    reading with --verify), and no file may have changed under chunks still to do. Damaged
-    chunks are made to-do again, so this run recomputes them."""
+    reading with --verify), and while chunks are still to do, no file under a done chunk may
+    have changed (the store would mix old and new features). Damaged chunks are made to-do
+    again, so this run recomputes them."""
     if verify:
         rows = sum(len(s.files) for s in job.scanned)
         with Progress(rows, "verify", interval=30.0) as bar:
             damage = S.verify_store(group, bar)
     else:
         damage = S.check_store(group)
-    changed = {s.name: _changed_files(group, s, damage) for s in job.scanned
+    refresh = S.Damage()  # chunks still to do whose files changed: their record is rewritten
+    changed = {s.name: _changed_files(group, s, damage, refresh) for s in job.scanned
                if s.name not in damage.splits}
     pending = bool(damage) or any(not S.split_progress(group, s.name).all()
                                   for s in job.scanned if s.name not in damage.splits)
@@ -595,19 +597,32 @@ def _prove(group, job: Job, out: Path, verify: bool) -> None:
     if damage:
         log.warning("%s is damaged (%s): repairing; those chunks are recomputed", out,
                     damage.describe())
+    for split, bad in refresh.chunks.items():
+        log.info("%s: files changed under %d chunk(s) not yet done; they are extracted as they "
+                 "are now", split, len(bad))
+        for c, why in bad.items():
+            damage.add(split, c, why)
+    if damage:
         S.repair(group, damage, job.create_kwargs["splits"], feature_dim=job.model.feature_dim,
                  dtype=job.out_dtype.name, chunk_rows=job.chunk_rows)
     elif verify:
         log.info("verify: every chunk of %s reads back and passes its checksum", out)
 
 
-def _changed_files(group, split: D.Split, damage: S.Damage) -> tuple[int, list[str]]:
-    """How many files' size or modification time differ from the store's record of them, and
-    the first three, described. A record that cannot be read is damage (its chunk is redone)."""
+def _changed_files(group, split: D.Split, damage: S.Damage, refresh: S.Damage
+                   ) -> tuple[int, list[str]]:
+    """How many files under chunks already done differ in size or modification time from the
+    store's record of them, and the first three, described. A file that changed under a chunk
+    still to do only needs its record rewritten (noted in `refresh`); a record that cannot be
+    read is damage."""
     stored = S.read_noting(group, split.name, "stat", damage)
     differ = (stored != split.stats).any(axis=1)
     rows = int(group[split.name].attrs["chunk_rows"])
-    for c in damage.chunks.get(split.name, {}):  # redone from the files as they are now
+    done = S.split_progress(group, split.name)
+    for c in np.flatnonzero(~done):
+        if differ[c * rows:(c + 1) * rows].any():
+            refresh.add(split.name, int(c), "a file changed before the chunk was done")
+    for c in [*damage.chunks.get(split.name, {}), *refresh.chunks.get(split.name, {})]:
         differ[c * rows:(c + 1) * rows] = False
     differ = np.flatnonzero(differ)
     examples = []

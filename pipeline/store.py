@@ -269,8 +269,9 @@ def fingerprint_differences(stored: dict, wanted: dict, prefix: str = "") -> lis
 
 
 def split_progress(group: zarr.Group, split: str) -> np.ndarray:
-    """The chunk_done marks of one split, as a bool array."""
-    return group[split]["chunk_done"][:].astype(bool)
+    """The chunk_done marks of one split, as a bool array (a mark that cannot be read: not
+    done, so the chunk is redone)."""
+    return _read_done(group, split, Damage())
 
 
 def owned_chunks(num_chunks: int, rank: int, world_size: int) -> range:

@@ -304,6 +304,24 @@ def test_a_file_replaced_before_the_resume_is_named(finished, tree, ckpt, capsys
     assert f"{files[5]}: modified in place" in line
 
 
+def test_a_file_changed_under_a_chunk_not_yet_done_is_simply_extracted(finished, tree, ckpt,
+                                                                        capsys, tmp_path):
+    out, _ = finished
+    files = [D.file_name(f) for f in S.open_store(out)["train"]["files"][:]]
+    (out / "train/chunk_done/c/2").unlink()  # as if killed before the last chunk (rows 8..11)
+    victim = tree / "train" / files[9]
+    victim.write_bytes((tree / "train" / files[0]).read_bytes())
+    capsys.readouterr()
+    assert extract_features.main(extract_args(ckpt, tree, out)) == 0
+    assert "files changed under 1 chunk(s) not yet done" in capsys.readouterr().err
+    # the record now names the file as it is: the next run has nothing to say or do
+    assert extract_features.main(extract_args(ckpt, tree, out)) == 0
+    err = capsys.readouterr().err
+    assert "file(s) changed" not in err and "files changed" not in err and "nothing to do" in err
+    x = S.open_store(out)["train"]["features"][:]
+    assert x[9].tobytes() == x[0].tobytes()
+
+
 def test_a_changed_file_under_a_finished_store_is_a_warning(finished, tree, ckpt, capsys):
     out, pristine = finished
     victim = next((tree / "val").rglob("*.JPEG"))
