@@ -511,13 +511,9 @@ class Damage:
         return "; ".join(parts[:limit]) + more
 
 
-def _array_dir(group: zarr.Group, split: str, name: str) -> Path:
-    return Path(group.store.root) / split / name
-
-
 def _chunk_files(group: zarr.Group, split: str, name: str) -> set[int]:
     """The chunks of one array that have a file (by listing the folder, not by reading)."""
-    base = _array_dir(group, split, name) / "c"
+    base = Path(group.store.root) / split / name / "c"
     try:
         entries = list(os.scandir(base))
     except FileNotFoundError:
@@ -536,18 +532,8 @@ def _chunk_files(group: zarr.Group, split: str, name: str) -> set[int]:
 
 
 def _read_done(group: zarr.Group, split: str, damage: Damage) -> np.ndarray:
-    """chunk_done as bools; a mark that fails its checksum counts as not done (and is noted)."""
-    arr = group[split]["chunk_done"]
-    try:
-        return arr[:].astype(bool)
-    except Exception:  # a damaged mark: read them one by one
-        done = np.zeros(arr.shape[0], bool)
-        for c in range(arr.shape[0]):
-            try:
-                done[c] = bool(arr[c])
-            except Exception:
-                damage.add(split, c, "chunk_done mark fails its checksum")
-        return done
+    """chunk_done as bools; a mark that cannot be read counts as not done (and is noted)."""
+    return read_noting(group, split, "chunk_done", damage).astype(bool)
 
 
 def check_store(group: zarr.Group) -> Damage:
