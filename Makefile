@@ -1,11 +1,13 @@
 # Quick Fix Labels. `make demo` sets up and runs the bundled demo; `make test` runs the tests.
 #
 #   make fix CHECKPOINT=runs/checkpoint_best.pth DATA=/data/imagenet \
-#            [CLASS_ORDER=imagenet_class_index.json] [EPOCHS=5] [LR=0.03,0.1,0.3,1] [WD=0,0.0001]
+#            [DATASET=imagenet1k | CLASS_ORDER=order.txt] [EPOCHS=5] [LR=0.03,0.1,0.3,1] [WD=0,0.0001]
 #
-# runs the three stages and reruns only what is stale: a new LR reruns stages 2 and 3 only.
-# The fixed model lands in fixed/ beside CHECKPOINT, under its file name, with the feature store
-# and the head beside it. Paths must not contain spaces (a limit of make).
+# runs `quickfix-labels` (pipeline/fix.py), which runs the three stages and reruns only what is
+# stale: a new LR reruns stages 2 and 3 only. The fixed model lands in fixed/ beside CHECKPOINT,
+# under its file name, with the feature store and the head beside it. FLAGS (or EXTRACT_FLAGS,
+# TRAIN_FLAGS, STITCH_FLAGS) pass any other flag of quickfix-labels. Paths must not contain
+# spaces (a limit of make).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     ?= $(VENV)/bin/python
@@ -14,18 +16,18 @@ DEMO   ?= demo-out
 CHECKPOINT  ?=
 DATA        ?=
 CLASS_ORDER ?=
+DATASET     ?=
 FIXDIR      ?= $(patsubst %/,%,$(dir $(CHECKPOINT)))/fixed
-OUT         ?= $(FIXDIR)/$(notdir $(CHECKPOINT))
-STORE       ?= $(FIXDIR)/features.zarr
-HEAD        ?= $(FIXDIR)/head.pt
+STORE       ?=
 EPOCHS      ?= 5
 LR          ?= 0.03,0.1,0.3,1
 WD          ?= 0,0.0001
+FLAGS         ?=
 EXTRACT_FLAGS ?=
 TRAIN_FLAGS   ?=
 STITCH_FLAGS  ?=
 
-.PHONY: install test test-gpu lint demo bench clean fix FORCE
+.PHONY: install test test-gpu lint demo bench clean fix
 
 install: $(VENV)/.installed
 
@@ -53,14 +55,7 @@ bench: install
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache
 
-# --- make fix: each stage reruns when its inputs or its own settings changed ---------------
-# A settings file is rewritten only when the settings differ, so its date says "changed".
-define settings
-	@mkdir -p $(@D)
-	@printf '%s\n' $(1) > $@.new
-	@if cmp -s $@.new $@; then rm $@.new; else mv $@.new $@; fi
-endef
-
+# --- make fix: quickfix-labels keeps the stages' records and reruns only what is stale ------
 ifneq ($(filter fix,$(MAKECMDGOALS)),)
 ifeq ($(strip $(CHECKPOINT)),)
 $(error make fix needs CHECKPOINT=path/to/checkpoint_best.pth DATA=path/to/images)
@@ -70,25 +65,8 @@ $(error make fix needs DATA=path/to/images (an ImageFolder root with train/ and 
 endif
 endif
 
-fix: $(if $(filter $(VENV)/bin/python,$(PY)),install) $(OUT)
-	@echo "fixed checkpoint: $(OUT)"
-
-$(FIXDIR)/.extract.settings: FORCE
-	$(call settings,"$(DATA)" "$(CLASS_ORDER)" "$(EXTRACT_FLAGS)")
-
-$(FIXDIR)/.train.settings: FORCE
-	$(call settings,"$(EPOCHS)" "$(LR)" "$(WD)" "$(TRAIN_FLAGS)")
-
-$(FIXDIR)/.extract.done: $(CHECKPOINT) $(CLASS_ORDER) $(FIXDIR)/.extract.settings
-	$(PY) extract_features.py --checkpoint $(CHECKPOINT) --data-root $(DATA) \
-	    $(if $(CLASS_ORDER),--class-order $(CLASS_ORDER)) --out $(STORE) --overwrite \
-	    $(EXTRACT_FLAGS)
-	touch $@
-
-$(HEAD): $(FIXDIR)/.extract.done $(FIXDIR)/.train.settings
-	$(PY) train_head.py --features $(STORE) --checkpoint $(CHECKPOINT) --out $(HEAD) \
-	    --epochs $(EPOCHS) --lr $(LR) --weight-decay $(WD) $(TRAIN_FLAGS)
-
-$(OUT): $(HEAD) $(CHECKPOINT)
-	$(PY) stitch_checkpoint.py --checkpoint $(CHECKPOINT) --head $(HEAD) --out $(OUT) \
-	    --overwrite --verify-data $(DATA) $(STITCH_FLAGS)
+fix: $(if $(filter $(VENV)/bin/python,$(PY)),install)
+	$(PY) -m pipeline --resume $(CHECKPOINT) --data-root $(DATA) --checkpoint-dir $(FIXDIR) \
+	    $(if $(DATASET),--dataset $(DATASET)) $(if $(CLASS_ORDER),--class-order $(CLASS_ORDER)) \
+	    $(if $(STORE),--features $(STORE)) --fix-epochs $(EPOCHS) --lr $(LR) \
+	    --weight-decay $(WD) $(FLAGS) $(EXTRACT_FLAGS) $(TRAIN_FLAGS) $(STITCH_FLAGS)

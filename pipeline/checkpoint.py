@@ -26,6 +26,7 @@ import errno
 import hashlib
 import json
 import logging
+import math
 import mmap
 import os
 import re
@@ -113,6 +114,7 @@ class Checkpoint:
     metadata: dict[str, str] = field(default_factory=dict)  # safetensors header metadata
     use_ema: bool = False
     copies: list[Container] = field(default_factory=list)  # every copy of the model
+    recorded: tuple[float, str] | None = None  # the top-1 it records reaching, and its key
 
 
 # What each layout is, for logs and the README.
@@ -185,6 +187,7 @@ def load_checkpoint(path: Path, *, trust: bool = False, use_ema: bool | None = F
         metadata=metadata,
         use_ema=use_ema,
         copies=containers(raw, lightning=lightning, path=path),
+        recorded=recorded_accuracy(raw, layout, args),
     )
 
 
@@ -711,6 +714,57 @@ def class_mapping(raw: Mapping) -> list[str] | None:
         if [i for i, _ in pairs] == list(range(len(pairs))):
             return [c for _, c in pairs]
     return None
+
+
+# Where training scripts record the accuracy the model reached, in the order they are tried:
+# pytorch/examples' imagenet main.py (best_acc1, a tensor in percent), common variants, and
+# timm's train.py (`metric`, the --eval-metric, top1 by default, in percent).
+ACCURACY_KEYS = ("best_acc1", "best_top1", "best_acc", "best_accuracy", "best_val_acc",
+                 "acc1", "top1", "val_acc1", "val_top1", "val_acc", "val_accuracy", "acc",
+                 "accuracy")
+
+
+def recorded_accuracy(raw: Any, layout: str, args: Mapping[str, Any]
+                      ) -> tuple[float, str] | None:
+    """The top-1 accuracy the checkpoint says its model reached, as a fraction in [0, 1], and
+    the key it came from; None when it records none.
+
+    A value above 1 is read as a percentage (76.1 -> 0.761), one in [0, 1] as a fraction: a
+    percentage of at most 1% cannot be told from a fraction and reads as one."""
+    if not isinstance(raw, Mapping) or is_state_dict(raw):
+        return None
+    candidates = [(k, raw.get(k)) for k in ACCURACY_KEYS]
+    if layout == "timm" and str(args.get("eval_metric", "top1")) == "top1":
+        candidates.append(("metric", raw.get("metric")))
+    callbacks = raw.get("callbacks")
+    if layout == "lightning" and isinstance(callbacks, Mapping):
+        # ModelCheckpoint's best score, when it monitors an accuracy
+        for state in callbacks.values():
+            if isinstance(state, Mapping) and "best_model_score" in state:
+                monitor = str(state.get("monitor") or "")
+                if "acc" in monitor.lower() or "top1" in monitor.lower():
+                    candidates.append((f"{monitor} (ModelCheckpoint)",
+                                       state.get("best_model_score")))
+    for key, value in candidates:
+        number = _scalar(value)
+        if number is not None and 0 <= number <= 100:
+            return (number / 100 if number > 1 else number), key
+    return None
+
+
+def _scalar(value: Any) -> float | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or not (value.is_floating_point() or value.dtype in
+                                      (torch.int32, torch.int64)):
+            return None
+        value = value.item()
+    try:
+        number = float(value)  # numpy scalars, ints, floats
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _class_name(value: Any) -> str:

@@ -68,6 +68,12 @@ def class_folders(split_root: Path) -> list[str]:
 
 def read_class_order(path: Path) -> list[str]:
     """A class-order file: one class id per line, or imagenet_class_index.json form."""
+    return read_class_table(path)[0]
+
+
+def read_class_table(path: Path) -> tuple[list[str], list[str] | None]:
+    """A class-order file's class ids, and their human names when it gives them
+    (imagenet_class_index.json form: `{"0": ["n01440764", "tench"], ...}`)."""
     if not path.is_file():
         raise DataError(f"--class-order {path} does not exist")
     try:
@@ -77,8 +83,12 @@ def read_class_order(path: Path) -> list[str]:
                         "UTF-8, one class id per line or imagenet_class_index.json") from exc
     except OSError as exc:
         raise DataError(f"--class-order {path}: cannot read it ({exc.strerror})") from exc
+    names = None
     if text.lstrip().startswith(("{", "[")):
-        classes = _parse_json_order(path, text)
+        entries = _parse_json_order(path, text)
+        classes = [str(e[0] if isinstance(e, list) else e) for e in entries]
+        if entries and all(isinstance(e, list) and len(e) >= 2 for e in entries):
+            names = [str(e[1]) for e in entries]
     else:
         classes = [ln.strip() for ln in text.splitlines()]
         classes = [c for c in classes if c and not c.startswith("#")]
@@ -87,16 +97,17 @@ def read_class_order(path: Path) -> list[str]:
     dupes = sorted(c for c, n in Counter(classes).items() if n > 1)
     if dupes:
         raise DataError(f"--class-order {path} lists {', '.join(dupes[:5])} more than once")
-    return classes
+    return classes, names
 
 
-def _parse_json_order(path: Path, text: str) -> list[str]:
+def _parse_json_order(path: Path, text: str) -> list:
+    """The entries in index order: a class id, or a list [id, name, ...]."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"--class-order {path} is not valid JSON: {exc}") from exc
     if isinstance(data, list):
-        return [str(c[0] if isinstance(c, list) else c) for c in data]
+        return [c if isinstance(c, list) and c else str(c) for c in data]
     if not isinstance(data, dict):
         raise DataError(f"--class-order {path}: expected an object {{\"0\": [id, name], ...}}")
     try:
@@ -107,7 +118,7 @@ def _parse_json_order(path: Path, text: str) -> list[str]:
         ) from exc
     if [i for i, _ in items] != list(range(len(items))):
         raise DataError(f"--class-order {path}: indices must run 0..{len(items) - 1} without gaps")
-    return [str(v[0] if isinstance(v, list) else v) for _, v in items]
+    return [v if isinstance(v, list) and v else str(v) for _, v in items]
 
 
 def scan_split(name: str, split_root: Path, classes: Sequence[str]) -> Split:
@@ -205,14 +216,31 @@ class ClassOrder:
     classes: list[str]
     source: str
     warnings: list[str] = field(default_factory=list)
+    names: list[str] | None = None  # human-readable names, when the source gives them
 
 
 def resolve_class_order(
-    folder_classes: list[str], order_file: Path | None, checkpoint_classes: list[str] | None
+    folder_classes: list[str], order_file: Path | None, checkpoint_classes: list[str] | None,
+    dataset: str | None = None, split_folders: dict[str, list[str]] | None = None,
 ) -> ClassOrder:
-    """Pick the correct order and audit it against the folders and the checkpoint's mapping."""
-    if order_file is not None:
-        classes, source = read_class_order(order_file), f"the class-order file {order_file}"
+    """Pick the correct order and audit it against the folders and the checkpoint's mapping.
+
+    `dataset`: a preset (`pipeline.presets`), whose classes every split's folders
+    (`split_folders`: split -> class folders) must match exactly."""
+    names, short = None, "the class-order file"
+    if dataset is not None:
+        from .presets import check_folders, get_preset
+
+        if order_file is not None:
+            raise DataError("give --dataset or --class-order, not both")
+        preset = get_preset(dataset)
+        check_folders(preset, split_folders or {"data": folder_classes})
+        classes, names = preset.classes, preset.names
+        source = f"the {preset.name} preset ({preset.title})"
+        short = f"the {preset.name} preset"
+    elif order_file is not None:
+        classes, names = read_class_table(order_file)
+        source = f"the class-order file {order_file}"
     else:
         classes, source = list(folder_classes), "sorted folder names"
     notes: list[str] = []
@@ -225,8 +253,8 @@ def resolve_class_order(
     absent = [c for c in classes if c not in set(folder_classes)]
     if absent:
         notes.append(f"{len(absent)} class(es) in {source} have no folder (e.g. {absent[0]})")
-    if order_file is not None and classes != folder_classes:
-        notes.append(_diff_text("the class-order file", classes, "sorted folder names",
+    if source != "sorted folder names" and classes != folder_classes:
+        notes.append(_diff_text(short, classes, "sorted folder names",
                                 folder_classes))
     natural = sorted(folder_classes, key=natural_key)
     if natural != folder_classes:
@@ -237,7 +265,7 @@ def resolve_class_order(
     if checkpoint_classes is not None and checkpoint_classes != classes:
         notes.append(_diff_text("the checkpoint's own class mapping", checkpoint_classes, source,
                                 classes))
-    return ClassOrder(classes, source, notes)
+    return ClassOrder(classes, source, notes, names)
 
 
 def _diff_text(a_name: str, a: list[str], b_name: str, b: list[str]) -> str:

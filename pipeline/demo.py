@@ -8,7 +8,7 @@ few broken files mixed in. A torchvision ResNet-18 is trained on them the way a 
 `ImageFolder` does it: classes sorted by folder *name* (eight, five, four, ...), not the
 dataset's own order (zero, one, two, ...). That is the bug this project repairs.
 
-The demo then runs the three stages as `make fix` would, with the correct class order, and
+The demo then runs the three stages with `quickfix-labels`, with the correct class order, and
 prints val top-1 end to end on the val images before and after the fix, beside a reference model
 trained with the correct order from the start, and where the fixed checkpoint is.
 """
@@ -137,23 +137,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  trained in {time.perf_counter() - start:.0f} s; val top-1 against its "
                   f"own labels: {acc:.1%}", file=sys.stderr)
 
-    # What `make fix CHECKPOINT=... DATA=... CLASS_ORDER=...` runs, with its default places.
+    # What `quickfix-labels` (and `make fix`) runs, with its default places: fixed/ beside the
+    # checkpoint, holding the fixed checkpoint under the input's name, the store and the head.
     fixed = ckpt.parent / "fixed"
-    store, head, out = fixed / "features.zarr", fixed / "head.pt", fixed / "checkpoint_best.pth"
-    root = Path(__file__).resolve().parent.parent
-    steps = [
-        ("extract_features.py", ["--checkpoint", str(ckpt), "--data-root", str(data),
-                                 "--class-order", str(order_file), "--out", str(store)]),
-        ("train_head.py", ["--features", str(store), "--checkpoint", str(ckpt),
-                           "--out", str(head)]),
-        ("stitch_checkpoint.py", ["--checkpoint", str(ckpt), "--head", str(head), "--out",
-                                  str(out), "--overwrite", "--verify-data", str(data)]),
-    ]
-    for script, flags in steps:
-        print(f"$ python {script} {' '.join(flags)}", file=sys.stderr)
-        rc = subprocess.run([sys.executable, str(root / script), *flags]).returncode
-        if rc != 0:
-            return rc
+    head, out = fixed / "head.pt", fixed / "checkpoint_best.pth"
+    flags = ["--resume", str(ckpt), "--data-root", str(data), "--class-order", str(order_file),
+             "--checkpoint-dir", str(fixed)]
+    print(f"$ quickfix-labels {' '.join(flags)}", file=sys.stderr)
+    rc = subprocess.run([sys.executable, "-m", "pipeline", *flags]).returncode
+    if rc != 0:
+        return rc
     report(data, ckpt, out, reference, head)
     return 0
 
@@ -174,8 +167,11 @@ def report(data: Path, buggy: Path, fixed: Path, reference: Path, head_path: Pat
         result = verify_on_images(path, data, head, device=device)
         print(f"  {result.top1:6.1%}  {name}", file=sys.stderr)
     diag = head["diagnosis"]
+    recorded = diag.get("recorded_top1")
+    recorded = f"{recorded:.1%}" if recorded is not None else "nothing"
     print(f"(the old head was a permutation of the right one: {diag['is_permutation']}, "
-          f"{diag['classes_moved']} classes moved)", file=sys.stderr)
+          f"{diag['classes_moved']} classes moved; the backbone is judged {diag['backbone']}: "
+          f"the checkpoint records top-1 {recorded})", file=sys.stderr)
     print(f"fixed checkpoint: {fixed}", file=sys.stderr)
 
 

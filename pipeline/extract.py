@@ -233,7 +233,8 @@ class Job:
     read_workers: int
 
 
-def _prepare(*, checkpoint: Path, data_root: Path, out: Path, splits, class_order, arch, resize,
+def _prepare(*, checkpoint: Path, data_root: Path, out: Path, splits, class_order, dataset,
+             arch, resize,
              crop, batch_size: int, device: str, decoder: str, precision: str, float32: bool,
              chunk_rows: int, num_threads, read_workers, trust_checkpoint: bool, use_ema, head,
              rank: int, world_size: int, argv) -> Job:
@@ -275,11 +276,16 @@ def _prepare(*, checkpoint: Path, data_root: Path, out: Path, splits, class_orde
     log.info("preprocessing: resize %d, crop %d, %s (from %s)", pre.resize, pre.crop,
              pre.interpolation, pre_source)
 
-    folders = sorted({c for s in split_names for c in D.class_folders(data_root / s)})
-    order = D.resolve_class_order(folders, class_order, ckpt.classes)
+    by_split = {s: D.class_folders(data_root / s) for s in split_names}
+    folders = sorted({c for names in by_split.values() for c in names})
+    order = D.resolve_class_order(folders, class_order, ckpt.classes, dataset, by_split)
     for note in order.warnings:
         log.warning("class order: %s", note)
     log.info("labels in the store follow %s (%d classes)", order.source, len(order.classes))
+    if dataset is not None and len(order.classes) != model.num_classes:
+        raise DataError(f"--dataset {dataset} has {len(order.classes)} classes but the "
+                        f"checkpoint's head {model.head_name} has {model.num_classes} outputs: "
+                        "this model was not trained on it (give its order with --class-order)")
     if len(order.classes) != model.num_classes:
         log.warning("the checkpoint's head has %d outputs but the class order lists %d classes",
                     model.num_classes, len(order.classes))
@@ -322,7 +328,8 @@ def _prepare(*, checkpoint: Path, data_root: Path, out: Path, splits, class_orde
                                     "head": model.head_name, "num_classes": model.num_classes,
                                     "classes": ckpt.classes, "layout": ckpt.layout,
                                     "weights": ckpt.source_key, "ema": ckpt.use_ema},
-                     "class_audit": {"source": order.source, "warnings": order.warnings}},
+                     "class_audit": {"source": order.source, "warnings": order.warnings},
+                     "class_names": order.names},
     )
     return Job(scanned, components, create_kwargs, model, pre, dev, decoder, precision,
                out_dtype, batch_size, chunk_rows, num_threads, read_workers)
@@ -335,6 +342,7 @@ def run_extract(
     out: Path,
     splits: Sequence[str] | None = None,
     class_order: Path | None = None,
+    dataset: str | None = None,
     arch: str | None = None,
     resize: int | None = None,
     crop: int | None = None,
@@ -370,7 +378,8 @@ def run_extract(
     # every rank prepares; a user error on any of them stops all with one line (rank 0's)
     job = grp.agree(lambda: _prepare(
         checkpoint=checkpoint, data_root=data_root, out=out, splits=splits,
-        class_order=class_order, arch=arch, resize=resize, crop=crop, batch_size=batch_size,
+        class_order=class_order, dataset=dataset, arch=arch, resize=resize, crop=crop,
+        batch_size=batch_size,
         device=device, decoder=decoder, precision=precision, float32=float32,
         chunk_rows=chunk_rows, num_threads=num_threads, read_workers=read_workers,
         trust_checkpoint=trust_checkpoint, use_ema=use_ema, head=head, rank=rank,
@@ -554,6 +563,7 @@ def _open_or_create(job: Job, out: Path, *, overwrite: bool, verify: bool, rank:
         if stored == job.components:
             if rank == 0:  # by hand, the other ranks' jobs leave the checks to rank 0's
                 _prove(group, job, out, verify)
+                _update_names(group, job.create_kwargs["extra_attrs"]["class_names"], out)
             return group
         diffs = S.fingerprint_differences(stored, job.components)
         if not overwrite:
@@ -566,6 +576,14 @@ def _open_or_create(job: Job, out: Path, *, overwrite: bool, verify: bool, rank:
         return _wait_for_store(out, job.components)
     out.parent.mkdir(parents=True, exist_ok=True)
     return S.create_store(out, fingerprint=job.components, **job.create_kwargs)
+
+
+def _update_names(group, names: list[str] | None, out: Path) -> None:
+    """The classes' human names are not part of the store's inputs (they change no feature): a
+    rerun that gives them (--dataset, or a class-order file with names) records them."""
+    if names is not None and group.attrs.get("class_names") != names:
+        group.attrs["class_names"] = names
+        log.info("%s: the classes' names recorded", out)
 
 
 def _prove(group, job: Job, out: Path, verify: bool) -> None:

@@ -1,12 +1,15 @@
-"""Run outputs a person reads: per-epoch JSON lines and a PNG of the curves."""
+"""Run outputs a person reads: per-epoch JSON lines, a PNG of the curves, the backbone's verdict."""
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 from .files import atomic_write
+
+log = logging.getLogger("quickfix")
 
 
 def write_jsonl(path: Path, records: Sequence[dict]) -> None:
@@ -40,3 +43,13 @@ def plot_curves(path: Path, records: Sequence[dict], chosen: tuple[float, float]
         atomic_write(path, lambda f: fig.savefig(f, dpi=100, format="png"))
     finally:
         plt.close(fig)
+
+
+def warn_backbone(diagnosis: dict | None, stage: str) -> None:
+    """The loud warning for a backbone not worth fixing (stage 2, and stage 3 again)."""
+    verdict = (diagnosis or {}).get("backbone")
+    if verdict in ("weak", "untrained"):
+        log.warning("%s: WARNING: the backbone is %s: %s", stage, verdict.upper(),
+                    diagnosis.get("backbone_message"))
+    elif verdict == "unknown":
+        log.info("%s: the backbone was not judged: %s", stage, diagnosis.get("backbone_message"))

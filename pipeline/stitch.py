@@ -44,6 +44,7 @@ from .checkpoint import (
 from .errors import CheckpointError, DataError
 from .files import atomic_write
 from .models import build_model, head_out_features
+from .report import warn_backbone
 
 log = logging.getLogger("quickfix")
 
@@ -112,6 +113,7 @@ def stitch(*, checkpoint: Path, head_path: Path, out: Path, overwrite: bool = Fa
         raise DataError(f"--aux-heads {aux_heads}: expected one of {', '.join(AUX_MODES)}")
     check_output(checkpoint, out, overwrite)
     head = load_head(head_path)
+    warn_backbone(head.get("diagnosis"), "stitch")  # the user decides: the file is written
     store = head["store"]
     ema = bool(store.get("ema", False))
     ckpt = load_checkpoint(checkpoint, trust=trust_checkpoint, use_ema=ema)
@@ -119,6 +121,8 @@ def stitch(*, checkpoint: Path, head_path: Path, out: Path, overwrite: bool = Fa
     others = store.get("other_heads") or {}
     weight, bias = head["weight"], head["bias"]
     classes = list(head["classes"])
+    names = head.get("class_names")
+    names = list(names) if names is not None and len(names) == len(classes) else None
     digest = backbone_digest(ckpt.state_dict, head_name, others)
     if digest != store["backbone_sha256"]:
         raise CheckpointError(f"the head {head_path} was trained on features of another backbone "
@@ -171,10 +175,10 @@ def stitch(*, checkpoint: Path, head_path: Path, out: Path, overwrite: bool = Fa
         if out.suffix != ".safetensors":
             notices.append(f"the input is a safetensors file, so {out.name} is one too")
         metadata = {**ckpt.metadata, "id_to_class": json.dumps(_ordered_entries(
-            _metadata_mapping(ckpt.metadata), classes)), "quickfix": json.dumps(record,
-                                                                                default=str)}
+            _metadata_mapping(ckpt.metadata), classes, names)),
+            "quickfix": json.dumps(record, default=str)}
     elif not is_state_dict(raw):
-        new = _set_mapping(new, classes)
+        new = _set_mapping(new, classes, names)
         new, dropped = _drop_head_optimizer_state(new, ckpt, head_name, changes.names(),
                                                   store["arch"])
         notices += dropped
@@ -229,7 +233,7 @@ def _reordered_aux(auxiliary: list[str], state_dict: Mapping[str, torch.Tensor],
                        "(--aux-heads keep): do not use their outputs without re-training them")
         return {}
     diagnosis = head.get("diagnosis")
-    if diagnosis is None:
+    if diagnosis is None or "mapping" not in diagnosis:
         raise CheckpointError(
             f"the model has auxiliary heads over the same classes ({names}) and the head file "
             "holds no class permutation to re-order them (train_head.py ran without "
@@ -257,9 +261,12 @@ def _metadata_mapping(metadata: Mapping[str, str]) -> Any:
         return None
 
 
-def _ordered_entries(old: Any, classes: list[str]) -> list:
-    """The classes in the correct order; imagenet_class_index-style [wnid, name] entries of the
-    old mapping keep their names."""
+def _ordered_entries(old: Any, classes: list[str], names: list[str] | None = None) -> list:
+    """The classes in the correct order, as [id, name] pairs (imagenet_class_index.json's
+    entries) when their names are known (`names`: from --dataset or the class-order file), else
+    keeping the names of the old mapping's [id, name] entries."""
+    if names is not None:
+        return [[c, n] for c, n in zip(classes, names, strict=True)]
     if isinstance(old, Mapping):
         entries = list(old.values())
     elif isinstance(old, (list, tuple)):
@@ -270,10 +277,10 @@ def _ordered_entries(old: Any, classes: list[str]) -> list:
     return [by_id.get(c, c) for c in classes]
 
 
-def _set_mapping(new: dict, classes: list[str]) -> dict:
+def _set_mapping(new: dict, classes: list[str], names: list[str] | None = None) -> dict:
     """`id_to_class` (keeping its form) and `class_to_idx`, in the correct order."""
     old = new.get("id_to_class")
-    ordered = _ordered_entries(old, classes)
+    ordered = _ordered_entries(old, classes, names)
     if isinstance(old, Mapping):
         keys = list(old)
         as_str = bool(keys) and isinstance(keys[0], str)

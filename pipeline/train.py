@@ -23,7 +23,7 @@ from .checkpoint import backbone_digest, load_checkpoint
 from .cli import run_record
 from .errors import DataError, StoreError
 from .files import atomic_write, resolve_device
-from .report import plot_curves, write_jsonl
+from .report import plot_curves, warn_backbone, write_jsonl
 from .streaming import StoreRows, WindowBatches, available_memory
 
 log = logging.getLogger("quickfix")
@@ -35,6 +35,73 @@ DEFAULT_WD = "0,0.0001"
 
 OLD_HEAD = "old head (permuted)"
 
+# The "don't use when" check (README, "Is the backbone worth fixing?"). A linear probe whose
+# holdout top-1 stays within UNTRAINED_MARGIN of the way from chance (the most common class's
+# share) to 100% finds features that barely separate the classes: the backbone is "untrained".
+# A fix whose top-1 lands below WEAK_RATIO of the accuracy the checkpoint records, and at least
+# WEAK_POINTS below it, is "weak": the features are not those of the model that reached it.
+UNTRAINED_MARGIN = 0.10
+WEAK_RATIO = 0.85
+WEAK_POINTS = 0.05
+WEAK_CAUSES = ("usually other weights (another checkpoint, or the EMA instead of the model: "
+               "--ema/--no-ema), another eval transform (--resize/--crop, the interpolation or "
+               "the normalization), or other data than the recorded figure's")
+
+
+@dataclass
+class Verdict:
+    """Is the backbone worth fixing? "ok", "weak", "untrained", or "unknown" (no holdout and
+    no val to judge on)."""
+
+    backbone: str
+    recorded_top1: float | None
+    recorded_key: str | None = None
+    message: str | None = None  # why, for a verdict other than "ok"
+
+    def as_dict(self) -> dict:
+        return {"backbone": self.backbone, "recorded_top1": self.recorded_top1,
+                "recorded_key": self.recorded_key, "backbone_message": self.message}
+
+
+def judge_backbone(chosen: dict, rows: dict[str, np.ndarray],
+                   recorded: tuple[float, str] | None, num_classes: int) -> Verdict:
+    """The verdict on the backbone from the chosen head's scores. The probe is judged on the
+    holdout and val rows together (`rows`: each one's labels), so a small holdout is not luck."""
+    rec, key = recorded if recorded is not None else (None, None)
+    parts = [k for k in ("holdout", "val") if f"{k}_top1" in chosen and rows.get(k) is not None
+             and rows[k].size]
+    if parts:
+        labels = np.concatenate([rows[k] for k in parts])
+        probe = sum(chosen[f"{k}_top1"] * rows[k].size for k in parts) / labels.size
+        floor = float(np.bincount(labels).max() / labels.size)  # the most common class's share
+    else:
+        probe, floor = None, 1 / max(num_classes, 1)
+    bar = floor + UNTRAINED_MARGIN * (1 - floor)
+    where = " and ".join(parts)
+    if probe is not None and probe < bar:
+        return Verdict("untrained", rec, key, (
+            f"a linear probe on the cached features reaches {probe:.1%} top-1 on the {where} "
+            f"rows, barely above chance ({floor:.1%}, the most common class's share; "
+            f"'untrained' below {bar:.1%}): the backbone's features do not separate these "
+            "classes, so the model never learned them. A head fix cannot help; it needs full "
+            "training (or check that the data is the one it was trained on)"))
+    if rec is not None and rec < bar:
+        return Verdict("untrained", rec, key, (
+            f"the checkpoint records top-1 {rec:.1%} ({key}), barely above chance "
+            f"({floor:.1%}): the model never converged. A head fix cannot make it better than "
+            "it was; it needs full training"))
+    fix = "val" if "val_top1" in chosen else "holdout" if "holdout_top1" in chosen else None
+    if fix is None:
+        return Verdict("unknown", rec, key, "no holdout and no val split to judge the "
+                       "backbone on (--holdout-fraction 0 and no val/ in the store)")
+    top1 = chosen[f"{fix}_top1"]
+    if rec is not None and top1 < WEAK_RATIO * rec and rec - top1 >= WEAK_POINTS:
+        return Verdict("weak", rec, key, (
+            f"the fix reaches {top1:.1%} {fix} top-1, far below the {rec:.1%} the checkpoint "
+            f"records ({key}): the cached features are not those of the model that reached "
+            f"it; {WEAK_CAUSES}"))
+    return Verdict("ok", rec, key)
+
 
 @dataclass
 class TrainSummary:
@@ -45,13 +112,18 @@ class TrainSummary:
     candidates: int
     ms_per_epoch: float
     ranks: int = 1
+    verdict: Verdict | None = None
 
     def line(self) -> str:
         c = self.chosen
         val = (f", val top-1 {c['val_top1']:.2%} top-5 {c['val_top5']:.2%}"
                if "val_top1" in c else "")
         hold = f", holdout top-1 {c['holdout_top1']:.2%}" if "holdout_top1" in c else ""
-        return (f"train_head: {describe(c)} chosen of {self.candidates}{hold}{val}; "
+        v = self.verdict
+        judged = "" if v is None else (
+            (f"; recorded top-1 {v.recorded_top1:.2%}" if v.recorded_top1 is not None else "")
+            + f"; backbone {v.backbone}")
+        return (f"train_head: {describe(c)} chosen of {self.candidates}{hold}{val}{judged}; "
                 f"{self.epochs} epochs in {self.seconds:.2f} s ({self.ms_per_epoch:.1f} "
                 f"ms/epoch{f' on {self.ranks} ranks' if self.ranks > 1 else ''}) -> {self.out}")
 
@@ -91,6 +163,8 @@ class Inputs:
     resident: bool
     batches: WindowBatches | None = None  # out of core: batches read from the store
     shard: H.Shard | None = None  # under torchrun: this rank's rows
+    recorded: tuple[float, str] | None = None  # the top-1 the checkpoint records, and its key
+    judged: dict[str, np.ndarray] = field(default_factory=dict)  # holdout/val -> their labels
 
 
 @dataclass
@@ -104,6 +178,7 @@ class Outcome:
     diagnosis: H.Diagnosis | None
     seconds: float = 0.0
     ms_per_epoch: float = 0.0
+    verdict: Verdict | None = None
 
 
 def run_train(
@@ -144,9 +219,11 @@ def run_train(
     if grp.collective:
         _check_same_head(grp, outcome)
     if grp.main:
+        warn_backbone(outcome.verdict.as_dict(), "train_head")
         write(out, features, checkpoint, inputs, settings, outcome, argv)
     return TrainSummary(out, outcome.chosen, outcome.seconds, epochs, len(outcome.candidates),
-                        outcome.ms_per_epoch, grp.world if grp.collective else 1)
+                        outcome.ms_per_epoch, grp.world if grp.collective else 1,
+                        outcome.verdict)
 
 
 def _grid_text(config) -> str:
@@ -238,10 +315,12 @@ def load(features: Path, checkpoint: Path | None, settings: Settings, trust: boo
                         f"({classes[int(present[0])]}); a classifier needs at least two")
     holdout_mask = H.holdout_split(np.where(ok_all, labels_all, -1), settings.holdout_fraction,
                                    settings.config.seed) & ok_all
-    old_head = None
+    old_head, recorded = None, None
     if checkpoint is not None:
-        old_head = _old_head(checkpoint, components, classes, dim, group.attrs.get("checkpoint"),
-                             trust)
+        *old_head, recorded = _old_head(checkpoint, components, classes, dim,
+                                        group.attrs.get("checkpoint"), trust)
+        old_head = tuple(old_head)
+    judged = {"holdout": labels_all[holdout_mask]}
 
     masks = {"train": ("train", ok_all & ~holdout_mask)}
     if holdout_mask.any():
@@ -250,6 +329,7 @@ def load(features: Path, checkpoint: Path | None, settings: Settings, trust: boo
         val_ok = S.read_rows(group, "val", "ok").astype(bool)
         if val_ok.any():
             masks["val"] = ("val", val_ok)
+            judged["val"] = S.read_rows(group, "val", "labels")[val_ok]
     grp, dev = settings.group, settings.device
     counts = {k: int(mask.sum()) for k, (_, mask) in masks.items()}
     shard = None
@@ -311,7 +391,8 @@ def load(features: Path, checkpoint: Path | None, settings: Settings, trust: boo
     log.info("train: %d rows (%s%s), holdout %d, val %d; %d classes, %d-d features on %s",
              counts["train"], where, ranks, counts.get("holdout", 0), counts.get("val", 0),
              len(classes), dim, dev)
-    return Inputs(group, classes, components, train, evals, old_head, resident, batches, shard)
+    return Inputs(group, classes, components, train, evals, old_head, resident, batches, shard,
+                  recorded, judged)
 
 
 def _share(mask: np.ndarray, grp: Dist.Group) -> np.ndarray:
@@ -398,6 +479,8 @@ def fit(inputs: Inputs, settings: Settings) -> Outcome:
     if result is not None:
         outcome.seconds = result.seconds
         outcome.ms_per_epoch = 1000 * float(np.median(result.epoch_seconds))
+    outcome.verdict = judge_backbone(chosen, inputs.judged, inputs.recorded,
+                                     len(inputs.classes))
     return outcome
 
 
@@ -409,6 +492,7 @@ def write(out: Path, features: Path, checkpoint: Path | None, inputs: Inputs,
         "weight": outcome.weight,
         "bias": outcome.bias,
         "classes": inputs.classes,
+        "class_names": inputs.group.attrs.get("class_names"),
         "store": {"path": str(features.resolve()),
                   "fingerprint": group.attrs["fingerprint"]["digest"],
                   "backbone_sha256": components["backbone_sha256"],
@@ -423,7 +507,8 @@ def write(out: Path, features: Path, checkpoint: Path | None, inputs: Inputs,
                    "holdout_fraction": settings.holdout_fraction},
         "metrics": outcome.chosen,
         "grid": outcome.candidates,
-        "diagnosis": outcome.diagnosis.as_dict() if outcome.diagnosis else None,
+        "diagnosis": {**(outcome.diagnosis.as_dict() if outcome.diagnosis else {}),
+                      **outcome.verdict.as_dict()},
         "record": run_record(argv, {"features": str(features), "out": str(out),
                                     "checkpoint": str(checkpoint) if checkpoint else None}),
     }
@@ -468,4 +553,7 @@ def _old_head(path: Path, components: dict, classes: list[str], dim: int, stored
                          "(compare its id_to_class/class_to_idx with the store's classes)")
     if bias is None:
         bias = torch.zeros(len(classes))
-    return weight.detach().float(), bias.detach().float()
+    if ckpt.recorded is not None:
+        log.info("the checkpoint records top-1 %.2f%% (%s)", 100 * ckpt.recorded[0],
+                 ckpt.recorded[1])
+    return weight.detach().float(), bias.detach().float(), ckpt.recorded

@@ -193,3 +193,36 @@ def test_stage2_under_torchrun_refuses_out_of_core_in_one_line(tmp_path, digits)
     assert errors == ["error: --stream-from-store runs in one process; under torchrun each rank "
                       "holds its share of the rows in memory: add ranks until it fits"]
     assert not (tmp_path / "h.pt").exists()
+
+
+def test_quickfix_labels_under_torchrun(tmp_path, bigger_tree, ckpt):
+    """The one command under torchrun: stages 1 and 2 on both ranks, stage 3 on rank 0; the head
+    is the single process's, and the rerun finds everything up to date."""
+    flags = ["--resume", str(ckpt), "--data-root", str(bigger_tree), "--resize", "40", "--crop",
+             "32", "--decoder", "pil", "--chunk-rows", "4", "--num-threads", "1",
+             "--fix-epochs", "2", "--lr", "0.1"]
+    one = subprocess.run([sys.executable, "-m", "pipeline", *flags, "--checkpoint-dir",
+                          str(tmp_path / "one")], env=env(), cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+
+    def two():
+        return subprocess.run([*TORCHRUN, "2", "-m", "pipeline", *flags, "--checkpoint-dir",
+                               str(tmp_path / "two")], env=env(), cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+
+    first = two()
+    assert first.returncode == 0, first.stderr
+    lines = ours(first.stderr)
+    summaries = [ln for ln in lines if ln.startswith(("extract: ", "stitch: head replaced",
+                                                       "verify: ")) or
+                 (ln.startswith("train_head: ") and " chosen of " in ln)]
+    assert [ln.split(":")[0] for ln in summaries] == ["extract", "train_head", "stitch",
+                                                      "verify"], lines  # one voice: rank 0's
+    assert first.stdout.count("fixed checkpoint:") == 1
+    a = torch.load(tmp_path / "one" / "head.pt", weights_only=True)
+    b = torch.load(tmp_path / "two" / "head.pt", weights_only=True)
+    torch.testing.assert_close(a["weight"], b["weight"], rtol=1e-4, atol=1e-5)
+    assert (tmp_path / "two" / "checkpoint_best.pth").is_file()
+    again = two()
+    assert again.returncode == 0 and again.stderr.count(": up to date") == 3, again.stderr
