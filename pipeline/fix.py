@@ -89,7 +89,8 @@ class Plan:
         self.out = self.dir / args.checkpoint.name
         self.state_path = self.dir / STATE
         if not args.checkpoint.is_file():
-            raise DataError(f"--resume {args.checkpoint}: no such file")
+            what = "a directory, not a file" if args.checkpoint.is_dir() else "no such file"
+            raise DataError(f"--resume {args.checkpoint}: {what}")
         if not args.data_root.is_dir():
             raise DataError(f"--data-root {args.data_root} is not a directory")
         if self.dir.exists() and not self.dir.is_dir():
