@@ -762,7 +762,7 @@ def _scalar(value: Any) -> float | None:
         value = value.item()
     try:
         number = float(value)  # numpy scalars, ints, floats
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     return number if math.isfinite(number) else None
 

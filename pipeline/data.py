@@ -87,8 +87,9 @@ def read_class_table(path: Path) -> tuple[list[str], list[str] | None]:
     if text.lstrip().startswith(("{", "[")):
         entries = _parse_json_order(path, text)
         classes = [str(e[0] if isinstance(e, list) else e) for e in entries]
-        if entries and all(isinstance(e, list) and len(e) >= 2 for e in entries):
-            names = [str(e[1]) for e in entries]
+        if entries and all(isinstance(e, list) and len(e) >= 2 and isinstance(e[1], str)
+                           for e in entries):
+            names = [e[1] for e in entries]
     else:
         classes = [ln.strip() for ln in text.splitlines()]
         classes = [c for c in classes if c and not c.startswith("#")]

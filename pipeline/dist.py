@@ -44,7 +44,8 @@ def launched() -> bool:
 
 
 class RankFailed(QuickFixError):
-    """Another rank stopped on a user error; this one stops with the same message."""
+    """Another rank stopped on a user error; this one stops with the same message (and `kind`,
+    the name of that error's class)."""
 
 
 @dataclass
@@ -82,14 +83,17 @@ class Group:
                 raise error
             return value
         errors: list = [None] * self.world
-        dist.all_gather_object(errors, None if error is None else str(error))
-        failed = [(rank, message) for rank, message in enumerate(errors) if message is not None]
+        dist.all_gather_object(errors, None if error is None else (type(error).__name__,
+                                                                   str(error)))
+        failed = [(rank, *e) for rank, e in enumerate(errors) if e is not None]
         if not failed:
             return value
         # one line for the job, from rank 0; the other ranks stop with the same exit code
+        rank, kind, message = failed[0]
         first = error if error is not None and self.main else RankFailed(
-            f"rank {failed[0][0]}: {failed[0][1]}" if failed[0][0] else failed[0][1])
+            f"rank {rank}: {message}" if rank else message)
         first.silent = not self.main
+        first.kind = kind  # the class of the first error, the same on every rank
         raise first
 
     def share(self, fn: Callable[[], T]) -> T:

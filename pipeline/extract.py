@@ -579,11 +579,11 @@ def _open_or_create(job: Job, out: Path, *, overwrite: bool, verify: bool, rank:
 
 
 def _update_names(group, names: list[str] | None, out: Path) -> None:
-    """The classes' human names are not part of the store's inputs (they change no feature): a
-    rerun that gives them (--dataset, or a class-order file with names) records them."""
-    if names is not None and group.attrs.get("class_names") != names:
+    """The classes' human names are not part of the store's inputs (they change no feature):
+    the store keeps those of its latest run (--dataset, a class-order file with names, or none)."""
+    if group.attrs.get("class_names") != names:
         group.attrs["class_names"] = names
-        log.info("%s: the classes' names recorded", out)
+        log.info("%s: the classes' names %s", out, "recorded" if names else "removed")
 
 
 def _prove(group, job: Job, out: Path, verify: bool) -> None:

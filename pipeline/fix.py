@@ -6,10 +6,11 @@
 
 The fixed checkpoint lands in --checkpoint-dir under the input's file name, with the feature
 store (features.zarr) and the head (head.pt) beside it. Only what is stale reruns: each stage
-remembers (in CHECKPOINT_DIR/.quickfix-labels.json) its settings and the identity of its inputs
-(size and modification time of the checkpoint and class-order file, the class folders' times),
-and a stage runs when they changed, when its output is missing, or when an earlier stage ran.
-A new --lr reruns stages 2 and 3 only: seconds, not the backbone.
+remembers (in CHECKPOINT_DIR/.quickfix-labels.json) its settings and the identity of what it
+read (the checkpoint's and class-order file's size and modification time, the image folders'
+times, the store's fingerprint, the head file), and runs again when they changed or its output
+is missing or changed. A new --lr reruns stage 2 (the head: seconds, not the backbone) and
+stage 3 (which checks the fixed model on the val images unless --no-verify-data).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from .commands import (
     train_backend,
     train_kwargs,
 )
-from .errors import DataError, StoreError
+from .errors import DataError, QuickFixError, StoreError
 from .files import atomic_write
 
 STATE = ".quickfix-labels.json"
@@ -78,7 +79,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 class Plan:
-    """Where everything goes, and what each stage's last run was made from."""
+    """Where everything goes, and whether each stage's last run still stands.
+
+    A stage's key is its settings and the identity of what it reads: stage 1 the checkpoint,
+    the class-order file and the image folders; stage 2 the checkpoint and the store (its
+    fingerprint and creation time); stage 3 the checkpoint and the head file. A stage reruns
+    when its key changed or its output is missing or changed; keys are computed when the stage
+    is reached, so a stage 1 that found nothing to do leaves stages 2 and 3 standing."""
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -88,34 +95,29 @@ class Plan:
         self.head = self.dir / "head.pt"
         self.out = self.dir / args.checkpoint.name
         self.state_path = self.dir / STATE
-        if not args.checkpoint.is_file():
-            what = "a directory, not a file" if args.checkpoint.is_dir() else "no such file"
-            raise DataError(f"--resume {args.checkpoint}: {what}")
-        if not args.data_root.is_dir():
-            raise DataError(f"--data-root {args.data_root} is not a directory")
-        if self.dir.exists() and not self.dir.is_dir():
-            raise DataError(f"--checkpoint-dir {self.dir} is a file; give a directory")
-        if self.out.resolve() == args.checkpoint.resolve():
-            raise DataError(f"--checkpoint-dir {self.dir} is the input's own folder: the fixed "
-                            f"checkpoint would replace {args.checkpoint}; give another folder")
-        splits = D.find_splits(args.data_root, args.splits)
-        val = [s for s in ("val", "validation") if s in splits]
+        _check(args, self)
+        self.splits = D.find_splits(args.data_root, args.splits)
+        val = [s for s in ("val", "validation") if s in self.splits]
         self.verify_data = args.data_root / val[0] if val and args.verify_data else None
-        self.keys = {
-            "extract": {"settings": _settings(extract_kwargs(args)),
-                        "checkpoint": _identity(args.checkpoint),
-                        "class_order": _identity(args.class_order),
-                        "data": _folders_digest(args.data_root, splits),
-                        "store": str(self.store.resolve())},
-            "train": {"settings": _settings(train_kwargs(args)),
-                      "checkpoint": _identity(args.checkpoint),
-                      "store": str(self.store.resolve())},
-            "stitch": {"settings": _settings({"aux_heads": args.aux_heads,
-                                              "verify_data": self.verify_data,
-                                              "verify_batch_size": args.verify_batch_size,
-                                              "device": args.device}),
-                       "checkpoint": _identity(args.checkpoint)},
-        }
+
+    def key(self, stage: str) -> dict:
+        args = self.args
+        if stage == "extract":
+            return _jsonable({"settings": _settings(extract_kwargs(args), stage),
+                              "checkpoint": _identity(args.checkpoint),
+                              "class_order": _identity(args.class_order),
+                              "data": _folders_digest(args.data_root, self.splits),
+                              "store": str(self.store.resolve())})
+        if stage == "train":
+            return _jsonable({"settings": _settings(train_kwargs(args), stage),
+                              "checkpoint": _identity(args.checkpoint),
+                              "store": [str(self.store.resolve()), _store_identity(self.store)]})
+        return _jsonable({"settings": _settings({"aux_heads": args.aux_heads,
+                                                 "verify_data": self.verify_data,
+                                                 "verify_batch_size": args.verify_batch_size,
+                                                 "device": args.device}, stage),
+                          "checkpoint": _identity(args.checkpoint),
+                          "head": _identity(self.head)})
 
     def load_state(self) -> dict:
         try:
@@ -124,34 +126,62 @@ class Plan:
             return {}
         return state if isinstance(state, dict) else {}
 
-    def stale(self, force: bool) -> list[str]:
-        """The stages to run, in order: from the first stale one on."""
-        state = self.load_state()
-        for i, stage in enumerate(STAGES):
-            if force or not self._current(stage, state.get(stage)):
-                return list(STAGES[i:])
-        return []
+    def stale(self, stage: str) -> bool:
+        args = self.args
+        if args.force or (stage == "extract" and args.verify):
+            return True
+        record = self.load_state().get(stage)
+        if not isinstance(record, dict) or record.get("key") != self.key(stage):
+            return True
+        output = self._output(stage)
+        return output is None or record.get("output") != output
 
-    def _current(self, stage: str, record) -> bool:
-        if not isinstance(record, dict) or record.get("key") != _jsonable(self.keys[stage]):
-            return False
+    def _output(self, stage: str) -> list | None:
+        """The stage's output as it is now (None: missing, or a store not finished)."""
         if stage == "extract":
-            return _store_usable(self.store)
-        output = self.head if stage == "train" else self.out
-        return record.get("output") == _identity(output)
+            return _store_identity(self.store)
+        return _identity(self.head if stage == "train" else self.out)
 
-    def record(self, stage: str, done: bool) -> None:
-        """Before a stage runs: forget it and every later stage (a run killed in between leaves
-        them stale). After it ran: remember what it was made from."""
+    def record(self, stage: str, key: dict | None = None) -> None:
+        """Before a stage runs (no `key`): forget its record (a run killed inside it leaves it
+        stale). After it ran: remember `key`, taken before it ran (an image added meanwhile is
+        not in the store), and its output."""
         state = self.load_state()
-        for later in STAGES[STAGES.index(stage):]:
-            state.pop(later, None)
-        if done:
-            output = {"extract": None, "train": self.head, "stitch": self.out}[stage]
-            state[stage] = {"key": _jsonable(self.keys[stage]),
-                            "output": _identity(output) if output else None}
+        state.pop(stage, None)
+        if key is not None:
+            state[stage] = {"key": key, "output": self._output(stage)}
         data = json.dumps(state, indent=1).encode()
         atomic_write(self.state_path, lambda f: f.write(data))
+
+
+def _check(args: argparse.Namespace, plan: Plan) -> None:
+    """Every flag and path checked before any stage runs (a bad --lr found after hours of
+    stage 1 is no use), in this command's own flag names."""
+    from .train import validate
+
+    if not args.checkpoint.is_file():
+        what = "a directory, not a file" if args.checkpoint.is_dir() else "no such file"
+        raise DataError(f"--resume {args.checkpoint}: {what}")
+    if not args.data_root.is_dir():
+        raise DataError(f"--data-root {args.data_root} is not a directory")
+    if plan.dir.exists() and not plan.dir.is_dir():
+        raise DataError(f"--checkpoint-dir {plan.dir} is a file; give a directory")
+    if not plan.dir.resolve().name:
+        raise DataError(f"--checkpoint-dir {plan.dir}: give a folder of its own, not the root")
+    if plan.out.resolve() == args.checkpoint.resolve():
+        raise DataError(f"--checkpoint-dir {plan.dir} is the input's own folder: the fixed "
+                        f"checkpoint would replace {args.checkpoint}; give another folder")
+    if args.epochs < 0:
+        raise DataError(f"--fix-epochs {args.epochs}: must be 0 or more")
+    for flag, value in (("--extract-batch-size", args.extract_batch_size),
+                        ("--chunk-rows", args.chunk_rows),
+                        ("--verify-batch-size", args.verify_batch_size)):
+        if value < 1:
+            raise DataError(f"{flag} {value}: must be at least 1")
+    kw = train_kwargs(args)
+    validate(**{k: v for k, v in kw.items() if k not in ("stream_from_store", "stream_buffer_mb",
+                                                         "trust_checkpoint")},
+             from_store=kw["stream_from_store"], buffer_mb=kw["stream_buffer_mb"])
 
 
 def fix(args: argparse.Namespace, argv: list[str] | None) -> int:
@@ -161,39 +191,39 @@ def fix(args: argparse.Namespace, argv: list[str] | None) -> int:
     grp = dist.join(train_backend(args.device))  # one process group for the whole job
     if not grp.main:
         log.setLevel(max(log.level, logging.WARNING))  # one voice: rank 0's
+    # RANK/WORLD_SIZE set by hand (not torchrun) do not apply: this command does the whole job
+    whole = {"rank": 0, "world_size": 1}
     try:
         with contextlib.ExitStack() as held:
             plan = grp.share(lambda: _plan(args, held))
-            todo = grp.share(lambda: plan.stale(args.force))
-            for stage in STAGES:
-                if stage not in todo:
-                    log.info("%s: up to date", TITLES[stage])
-            if "extract" in todo:
-                _run(grp, plan, "extract", lambda: run_extract(
-                    **extract_kwargs(args), out=plan.store, overwrite=True, group=grp,
-                    argv=argv))
-            if "train" in todo:
-                def train():
-                    return run_train(features=plan.store, out=plan.head, **train_kwargs(args),
-                                     group=grp, argv=argv)
-                try:
-                    _run(grp, plan, "train", train)
-                except StoreError as exc:
-                    if grp.collective:
-                        raise
-                    # a chunk that fails its checksum shows only as it is read: stage 1
-                    # repairs it (--verify reads every chunk), then stage 2 runs again once
-                    log.warning("stage 2 found the store damaged (%s): repairing it with stage "
-                                "1 --verify, then training again", exc)
-                    _run(grp, plan, "extract", lambda: run_extract(
-                        **{**extract_kwargs(args), "verify": True}, out=plan.store,
-                        overwrite=True, argv=argv))
-                    _run(grp, plan, "train", train)
-            if "stitch" in todo:
+
+            def extract(verify: bool = args.verify):
+                return run_extract(**{**extract_kwargs(args), **whole, "verify": verify},
+                                   out=plan.store, overwrite=True, group=grp, argv=argv)
+
+            def train():
+                return run_train(features=plan.store, out=plan.head, **train_kwargs(args),
+                                 group=grp, argv=argv)
+
+            _stage(grp, plan, "extract", extract)
+            try:
+                _stage(grp, plan, "train", train)
+            except QuickFixError as exc:
+                if not (isinstance(exc, StoreError) or getattr(exc, "kind", "") == "StoreError"):
+                    raise
+                # a chunk that fails its checksum shows only as it is read: stage 1 repairs it
+                # (--verify reads every chunk), then stage 2 runs again, once
+                log.warning("stage 2 found the store damaged (%s): repairing it with stage 1 "
+                            "--verify, then training again", exc)
+                _run(grp, plan, "extract", lambda: extract(verify=True))
+                _run(grp, plan, "train", train)
+            if grp.share(lambda: plan.stale("stitch")):
                 if plan.verify_data is None and args.verify_data:
                     log.info("no val/ split under %s: the fixed model is not checked end to end",
                              args.data_root)
                 grp.agree(lambda: _stitch(args, plan), only_rank0=True)
+            else:
+                log.info("%s: up to date", TITLES["stitch"])
     finally:
         dist.leave()
     if grp.main:
@@ -204,24 +234,34 @@ def fix(args: argparse.Namespace, argv: list[str] | None) -> int:
 def _plan(args: argparse.Namespace, held: contextlib.ExitStack) -> Plan:
     """Rank 0's plan, under the lock that keeps a second run of the same fix out."""
     plan = Plan(args)
-    held.enter_context(S.WriterLock(plan.dir))
+    held.enter_context(S.WriterLock(plan.dir.resolve()))
     return plan
 
 
+def _stage(grp: dist.Group, plan: Plan, stage: str, fn) -> None:
+    """Run `stage` if it is stale (rank 0 decides for every rank)."""
+    if grp.share(lambda: plan.stale(stage)):
+        _run(grp, plan, stage, fn)
+    else:
+        log.info("%s: up to date", TITLES[stage])
+
+
 def _run(grp: dist.Group, plan: Plan, stage: str, fn) -> None:
+    key = plan.key(stage) if grp.main else None
     if grp.main:
-        plan.record(stage, done=False)
+        plan.record(stage)
     summary = fn()
     if grp.main:
         log.info(summary.line())
-        plan.record(stage, done=True)
+        plan.record(stage, key)
 
 
 def _stitch(args: argparse.Namespace, plan: Plan) -> None:
-    plan.record("stitch", done=False)
+    key = plan.key("stitch")
+    plan.record("stitch")
     run_stitch(args, checkpoint=plan.checkpoint, head=plan.head, out=plan.out, overwrite=True,
                verify_data=plan.verify_data)
-    plan.record("stitch", done=True)
+    plan.record("stitch", key)
 
 
 # --- what a stage's inputs are ---------------------------------------------------------------
@@ -238,39 +278,49 @@ def _identity(path: Path | None) -> list | None:
 
 
 def _folders_digest(data_root: Path, splits: list[str]) -> str:
-    """The split and class folders with their modification times: adding, removing or renaming
-    an image changes its folder's time. (A file rewritten in place does not: --force.)"""
+    """Every folder of the splits (split, class and deeper: stage 1 walks them all) with its
+    modification time: adding, removing or renaming an image changes its folder's. One listing
+    per folder; a file rewritten in place changes no folder (--force)."""
     h = hashlib.sha256()
     for split in splits:
-        root = data_root / split
-        for name in [".", *D.class_folders(root)]:
+        todo = [data_root / split]
+        while todo:
+            folder = todo.pop()
             try:
-                h.update(f"{split}/{name} {os.stat(root / name).st_mtime_ns}\n".encode())
+                h.update(os.fsencode(folder) + b" %d\n" % os.stat(folder).st_mtime_ns)
+                with os.scandir(folder) as entries:
+                    todo += sorted((Path(e.path) for e in entries
+                                    if not e.name.startswith(".") and e.is_dir()), reverse=True)
             except OSError:
-                h.update(f"{split}/{name} -\n".encode())
+                h.update(os.fsencode(folder) + b" -\n")
     return h.hexdigest()
 
 
-def _store_usable(store: Path) -> bool:
-    """A finished store with every chunk file there (by listing); else stage 1 reruns."""
+def _store_identity(store: Path) -> list | None:
+    """A finished store with every chunk file there (by listing), as its fingerprint digest and
+    creation time (a store made anew, even from the same inputs, is another); else None."""
     try:
         group = S.open_store(store)
         if S.check_store(group):
-            return False
+            return None
         for split in group.attrs["splits"]:
             S.verify_complete(group, split)
-        return True
-    except Exception:  # noqa: BLE001 - any doubt about the store: stage 1 decides
-        return False
+        return [group.attrs["fingerprint"]["digest"], group.attrs["record"]["created_utc"]]
+    except Exception:  # noqa: BLE001 - any doubt about the store: it is not there
+        return None
 
 
-# what changes how a stage runs but not what it makes
-_COSMETIC = ("progress_every", "trust_checkpoint", "verify", "rank", "world_size")
+# what changes how a stage runs but not what it makes (--verify makes stage 1 run, with it)
+_COSMETIC = {
+    "extract": ("progress_every", "trust_checkpoint", "verify", "rank", "world_size",
+                "batch_size", "num_threads", "read_workers"),
+    "train": ("trust_checkpoint", "stream"),  # resident or streamed: the same batches
+}
 
 
-def _settings(kwargs: dict) -> dict:
-    return {k: (str(v.resolve()) if isinstance(v, Path) else v) for k, v in sorted(kwargs.items())
-            if k not in _COSMETIC}
+def _settings(kwargs: dict, stage: str) -> dict:
+    return {k: (str(v.resolve()) if isinstance(v, Path) else v)
+            for k, v in sorted(kwargs.items()) if k not in _COSMETIC.get(stage, ())}
 
 
 def _jsonable(value):

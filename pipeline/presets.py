@@ -102,7 +102,10 @@ def check_folders(preset: Preset, folders: Mapping[str, Sequence[str]]) -> None:
             problems.append(f"{split}/ has misnamed folders: " + ", ".join(
                 f"{f!r} should be {c}" for f, c in list(misnamed.items())[:5])
                 + (" ..." if len(misnamed) > 5 else ""))
-        if missing:
+        if not names:  # ImageNet's test/ is flat: no labels
+            problems.append(f"{split}/ has no class folders (leave it out: --splits "
+                            f"{' '.join(s for s in folders if folders[s])})")
+        elif missing:
             problems.append(f"{split}/ lacks {len(missing)} of the {len(want)} class folders "
                             f"({_some(missing)})")
         if extra:

@@ -113,7 +113,6 @@ def stitch(*, checkpoint: Path, head_path: Path, out: Path, overwrite: bool = Fa
         raise DataError(f"--aux-heads {aux_heads}: expected one of {', '.join(AUX_MODES)}")
     check_output(checkpoint, out, overwrite)
     head = load_head(head_path)
-    warn_backbone(head.get("diagnosis"), "stitch")  # the user decides: the file is written
     store = head["store"]
     ema = bool(store.get("ema", False))
     ckpt = load_checkpoint(checkpoint, trust=trust_checkpoint, use_ema=ema)
@@ -134,6 +133,7 @@ def stitch(*, checkpoint: Path, head_path: Path, out: Path, overwrite: bool = Fa
             f"{head_name}.weight is {None if old_w is None else tuple(old_w.shape)}")
     if ckpt.classes is not None and sorted(ckpt.classes) != sorted(classes):
         raise CheckpointError(f"{checkpoint} names other classes than the head {head_path}")
+    warn_backbone(head.get("diagnosis"), "stitch")  # the user decides: the file is written
 
     notices: list[str] = []
     # what changes in every copy: tensors replaced by the new head, rows re-ordered in place

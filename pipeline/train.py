@@ -85,7 +85,7 @@ def judge_backbone(chosen: dict, rows: dict[str, np.ndarray],
             f"'untrained' below {bar:.1%}): the backbone's features do not separate these "
             "classes, so the model never learned them. A head fix cannot help; it needs full "
             "training (or check that the data is the one it was trained on)"))
-    if rec is not None and rec < bar:
+    if probe is None and rec is not None and rec < bar:  # a probe that passes outweighs it
         return Verdict("untrained", rec, key, (
             f"the checkpoint records top-1 {rec:.1%} ({key}), barely above chance "
             f"({floor:.1%}): the model never converged. A head fix cannot make it better than "

@@ -226,3 +226,18 @@ def test_quickfix_labels_under_torchrun(tmp_path, bigger_tree, ckpt):
     assert (tmp_path / "two" / "checkpoint_best.pth").is_file()
     again = two()
     assert again.returncode == 0 and again.stderr.count(": up to date") == 3, again.stderr
+    # a chunk damaged after the fact, found by a rank as stage 2 reads it: every rank repairs
+    # the store with stage 1 --verify and trains again
+    from pipeline import store as S
+
+    store = tmp_path / "two" / "features.zarr"
+    for chunk in range(2):
+        path = S.chunk_path(S.open_store(store), "train", "features", chunk)
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+    flags[-1] = "0.2"  # --lr
+    repaired = two()
+    assert repaired.returncode == 0, repaired.stderr
+    assert "repairing it with stage 1 --verify" in repaired.stderr
+    assert not S.verify_store(S.open_store(store))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -38,9 +40,12 @@ def command() -> Path:
 
 
 def ran(text: str) -> set[str]:
-    """The stages whose summary line the output holds."""
-    return {s for s in ("extract:", "train_head:", "stitch:", "verify:")
-            if f"\n{s}" in "\n" + text}
+    """The stages whose summary line the output holds ("verify:": stage 3's end-to-end run)."""
+    lines = text.splitlines()
+    return {s for s, start in (("extract:", "extract: "), ("train_head:", "train_head: "),
+                               ("stitch:", "stitch: head replaced"),
+                               ("verify:", "verify: the fixed model"))
+            if any(ln.startswith(start) for ln in lines)}
 
 
 def class_index(path: Path, classes: list[str]) -> Path:
@@ -64,7 +69,7 @@ def test_installed_command_takes_the_quick_fix_command_line(tmp_path, tree):
     order = class_index(tmp_path / "imagenet_class_index.json", ORDER)
     base = [str(command()), "--resume", str(ckpt), "--data-root", str(tree),
             "--quick-fix-labels", "--fix-epochs", "2", "--checkpoint-dir", str(run / "fixed"),
-            "--batch-size", "256", "--class-order", str(order), *FAST]
+            "--batch-size", "64", "--class-order", str(order), *FAST]
 
     def go(*extra: str) -> tuple[str, str]:
         proc = subprocess.run([*base, *extra], capture_output=True, text=True, cwd=tmp_path)
@@ -80,7 +85,9 @@ def test_installed_command_takes_the_quick_fix_command_line(tmp_path, tree):
     new = safe_load(fixed)
     head = torch.load(run / "fixed" / "head.pt", weights_only=True)
     assert head["config"]["lrs"] == [0.15] and head["config"]["epochs"] == 2
-    assert head["config"]["batch_size"] == 256
+    assert head["config"]["batch_size"] == 64  # the head's batch; stage 1 keeps its own
+    store = S.open_store(run / "fixed" / "features.zarr")
+    assert store.attrs["record"]["settings"]["batch_size"] == 128
     assert torch.equal(new["model"]["module.fc.weight"], head["weight"])
     # the correct order, with the names the class-order file gives
     assert new["id_to_class"] == [[c, f"name of {c}"] for c in ORDER]
@@ -99,25 +106,38 @@ def test_installed_command_takes_the_quick_fix_command_line(tmp_path, tree):
     assert proc.returncode == 0 and ran(proc.stderr) == set(), proc.stderr
 
 
-def test_a_stage_killed_midway_reruns_and_the_later_ones_follow(tmp_path, tree, ckpt):
-    """Stage 2's record is dropped before it runs: a run killed inside it (here: its output
-    deleted and the record of a half-done run) leaves stages 2 and 3 stale, never stage 3
-    'up to date' on an old head."""
+def test_a_stage_killed_midway_reruns_and_the_later_ones_follow(tmp_path, tree, ckpt, capsys):
+    """A stage's record is dropped before it runs: a run killed inside stage 2 leaves it stale,
+    and the head it writes makes stage 3 stale; stage 1 stands."""
     args = ["--resume", str(ckpt), "--data-root", str(tree), "--checkpoint-dir",
             str(tmp_path / "fx"), "--fix-epochs", "1", "--lr", "0.1", *FAST]
     assert F.main(args) == 0
     state = json.loads((tmp_path / "fx" / F.STATE).read_text())
     assert set(state) == {"extract", "train", "stitch"}
     plan = F.Plan(F.build_parser().parse_args(args))
-    plan.record("train", done=False)  # what a kill inside stage 2 leaves
-    assert set(json.loads((tmp_path / "fx" / F.STATE).read_text())) == {"extract"}
-    assert plan.stale(force=False) == ["train", "stitch"]
-    (tmp_path / "fx" / "checkpoint_best.pth").unlink()  # an output removed: its stage reruns
+    plan.record("train")  # what a kill inside stage 2 leaves
+    assert set(json.loads((tmp_path / "fx" / F.STATE).read_text())) == {"extract", "stitch"}
+    assert [plan.stale(s) for s in F.STAGES] == [False, True, False]
+    capsys.readouterr()
     assert F.main(args) == 0
-    assert plan.stale(force=False) == []
-    (tmp_path / "fx" / "checkpoint_best.pth").unlink()
-    assert plan.stale(force=False) == ["stitch"]
-    assert plan.stale(force=True) == ["extract", "train", "stitch"]
+    assert ran(capsys.readouterr().err) == {"train_head:", "stitch:", "verify:"}
+    assert [plan.stale(s) for s in F.STAGES] == [False, False, False]
+    (tmp_path / "fx" / "checkpoint_best.pth").unlink()  # an output removed: its stage reruns
+    assert [plan.stale(s) for s in F.STAGES] == [False, False, True]
+    assert F.main(args) == 0
+    assert ran(capsys.readouterr().err) == {"stitch:", "verify:"}
+    # flags that change how stage 1 runs, not what it makes, leave everything standing
+    assert F.main([*args, "--num-threads", "1", "--extract-batch-size", "5"]) == 0
+    assert ran(capsys.readouterr().err) == set()
+    # --verify reads the whole store: stage 1 runs, finds it sound, the others stand
+    assert F.main([*args, "--verify"]) == 0
+    assert ran(capsys.readouterr().err) == {"extract:"}
+    # a damaged state file: every stage runs again (stage 1 finds its store finished)
+    (tmp_path / "fx" / F.STATE).write_text("{not json")
+    assert F.main(args) == 0
+    assert ran(capsys.readouterr().err) == {"extract:", "train_head:", "stitch:", "verify:"}
+    assert plan.stale("extract") is False and F.main([*args, "--force"]) == 0
+    assert ran(capsys.readouterr().err) == {"extract:", "train_head:", "stitch:", "verify:"}
 
 
 def test_new_images_rerun_stage_1(tmp_path, tree, ckpt, photos, capsys):
@@ -131,6 +151,51 @@ def test_new_images_rerun_stage_1(tmp_path, tree, ckpt, photos, capsys):
     assert ran(capsys.readouterr().err) == {"extract:", "train_head:", "stitch:", "verify:"}
     store = S.open_store(tmp_path / "fx" / "features.zarr")
     assert "n02/new.JPEG" in list(S.read_rows(store, "train", "files"))
+    # an image in a folder below a class folder (stage 1 walks them too)
+    (tree / "train" / "n01" / "more").mkdir()
+    assert F.main(args) == 0
+    capsys.readouterr()
+    (tree / "train" / "n01" / "more" / "deep.JPEG").write_bytes(
+        jpeg_bytes(photo_patch(photos, np.random.default_rng(6)), quality=90))
+    assert F.main(args) == 0
+    assert ran(capsys.readouterr().err) == {"extract:", "train_head:", "stitch:", "verify:"}
+    store = S.open_store(tmp_path / "fx" / "features.zarr")
+    assert "n01/more/deep.JPEG" in list(S.read_rows(store, "train", "files"))
+
+
+def test_a_store_replaced_by_hand_is_made_again(tmp_path, tree, ckpt, capsys):
+    """The store in --checkpoint-dir is the command's: rebuilt by hand from other inputs (another
+    class order), it is made again from the command's before stage 2 trains on it."""
+    args = ["--resume", str(ckpt), "--data-root", str(tree), "--checkpoint-dir",
+            str(tmp_path / "fx"), "--fix-epochs", "1", *FAST]
+    assert F.main(args) == 0
+    order = tmp_path / "order.txt"
+    order.write_text("\n".join(ORDER) + "\n")
+    store = tmp_path / "fx" / "features.zarr"
+    assert extract_features.main(["--checkpoint", str(ckpt), "--data-root", str(tree),
+                                  "--class-order", str(order), "--out", str(store),
+                                  "--overwrite", *FAST]) == 0
+    capsys.readouterr()
+    assert F.main([*args, "--lr", "0.2"]) == 0
+    assert ran(capsys.readouterr().err) == {"extract:", "train_head:", "stitch:", "verify:"}
+    assert list(S.open_store(store).attrs["classes"]) == sorted(ORDER)
+
+
+def test_class_names_follow_the_latest_run(tmp_path, tree, ckpt):
+    """Names are not an input of the features: a rerun in the same order with other names (or
+    none) changes the store's names, never its features."""
+    store = tmp_path / "f.zarr"
+    named = class_index(tmp_path / "named.json", ORDER)
+    plain = tmp_path / "plain.txt"
+    plain.write_text("\n".join(ORDER) + "\n")
+    odd = tmp_path / "odd.json"  # a name that is not text: no names at all
+    odd.write_text(json.dumps([[c, None] for c in ORDER]))
+    want = [f"name of {c}" for c in ORDER]
+    for order, names in ((named, want), (plain, None), (named, want), (odd, None)):
+        assert extract_features.main(["--checkpoint", str(ckpt), "--data-root", str(tree),
+                                      "--class-order", str(order), "--out", str(store),
+                                      *FAST]) == 0
+        assert S.open_store(store).attrs.get("class_names") == names
 
 
 def test_a_damaged_store_is_repaired_by_the_next_run(tmp_path, tree, ckpt, capsys):
@@ -161,6 +226,17 @@ def test_user_errors_are_one_line(tmp_path, tree, ckpt, capsys):
          "--dataset imagenet22k: not a known dataset (known: imagenet1k)"),
         (["--checkpoint-dir", str(tmp_path / "d"), "--dataset", "imagenet1k"],
          "--dataset imagenet1k: the class folders do not match its 1000 classes"),
+        (["--checkpoint-dir", "/"], "give a folder of its own, not the root"),
+        # the later stages' flags are checked before stage 1 runs, in this command's names
+        (["--checkpoint-dir", str(tmp_path / "d"), "--lr", "abc"], "--lr"),
+        (["--checkpoint-dir", str(tmp_path / "d"), "--fix-epochs", "-1"],
+         "--fix-epochs -1: must be 0 or more"),
+        (["--checkpoint-dir", str(tmp_path / "d"), "--extract-batch-size", "0"],
+         "--extract-batch-size 0: must be at least 1"),
+        (["--checkpoint-dir", str(tmp_path / "d"), "--verify-batch-size", "0"],
+         "--verify-batch-size 0: must be at least 1"),
+        (["--checkpoint-dir", str(tmp_path / "d"), "--holdout-fraction", "1.5"],
+         "--holdout-fraction 1.5"),
     ]
     for extra, message in cases:
         assert F.main([*base, *extra]) == 2, extra
@@ -168,8 +244,35 @@ def test_user_errors_are_one_line(tmp_path, tree, ckpt, capsys):
         errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
         assert len(errors) == 1 and message in errors[0], err
         assert "Traceback" not in err
+    assert not (tmp_path / "d" / "features.zarr").exists()  # refused before stage 1
     assert F.main(["--resume", str(tmp_path / "nope.pth"), "--data-root", str(tree)]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_checkpoint_dir_dot_and_a_hand_set_rank(tmp_path, tree, ckpt, monkeypatch):
+    """--checkpoint-dir . works from any folder; RANK/WORLD_SIZE set by hand (no torchrun) do
+    not make the command extract a share only: it does the whole job."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert F.main(["--resume", str(ckpt), "--data-root", str(tree), "--checkpoint-dir", ".",
+                   "--fix-epochs", "1", *FAST]) == 0
+    assert (work / "checkpoint_best.pth").is_file()
+    assert not S.check_store(S.open_store(work / "features.zarr"))
+
+
+def test_every_folder_counts_whatever_its_name(tmp_path):
+    """A folder name that is not UTF-8 is hashed as its bytes; a file added below it changes
+    the digest."""
+    root = tmp_path / "data"
+    odd = Path(os.fsdecode(os.fsencode(str(root / "train" / "n01")) + b"/caf\xe9"))
+    odd.mkdir(parents=True)
+    before = F._folders_digest(root, ["train"])
+    os.utime(odd, ns=(1, 1))
+    (odd / "x.JPEG").write_bytes(b"x")
+    assert F._folders_digest(root, ["train"]) != before
 
 
 def test_a_second_run_on_the_same_folder_is_refused(tmp_path, tree, ckpt, capsys):
@@ -181,11 +284,18 @@ def test_a_second_run_on_the_same_folder_is_refused(tmp_path, tree, ckpt, capsys
 
 
 def test_the_wheel_ships_the_preset_table_and_the_command(tmp_path):
+    """Built from a copy of the sources (a build in the checkout would leave build/ behind,
+    and a stale build/ could hide a missing package-data entry)."""
     pytest.importorskip("setuptools")
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "pipeline", src / "pipeline",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "--no-build-isolation", "-w", str(tmp_path), str(ROOT)], check=True,
-                   capture_output=True)
-    (wheel,) = tmp_path.glob("quickfix_labels-*.whl")
+                    "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)], check=True,
+                   capture_output=True, cwd=tmp_path)
+    (wheel,) = (tmp_path / "dist").glob("quickfix_labels-*.whl")
     with zipfile.ZipFile(wheel) as z:
         assert "pipeline/datasets/imagenet1k.tsv" in z.namelist()
         entry = next(n for n in z.namelist() if n.endswith("entry_points.txt"))
@@ -223,6 +333,9 @@ def test_the_preset_names_missing_extra_and_misnamed_folders():
     assert "train/ has 1 folder(s) that are not imagenet1k classes (n99999999)" in message
     assert "val/" not in message  # val matches
     check_folders(get_preset("imagenet1k"), {"train": ids, "val": ids})  # no error
+    with pytest.raises(DataError, match=r"test/ has no class folders \(leave it out: --splits "
+                       r"train val\)"):
+        check_folders(get_preset("imagenet1k"), {"train": ids, "val": ids, "test": []})
 
 
 @pytest.fixture(scope="module")
@@ -282,6 +395,17 @@ def test_dataset_imagenet1k_refuses_a_missing_wnid_folder(imagenet_tree, tmp_pat
     assert "'tench' should be n01440764" in capsys.readouterr().err
 
 
+def test_dataset_imagenet1k_refuses_a_head_of_other_size(imagenet_tree, tmp_path, capsys):
+    root, _ = imagenet_tree
+    ckpt = tmp_path / "three.pth"
+    torch.save(training_checkpoint(make_model(), "resnet18"), ckpt)
+    assert extract_features.main(["--checkpoint", str(ckpt), "--data-root", str(root / "data"),
+                                  "--dataset", "imagenet1k", "--out", str(tmp_path / "f.zarr"),
+                                  *FAST]) == 2
+    assert "--dataset imagenet1k has 1000 classes but the checkpoint's head fc has 3 " \
+        "outputs" in capsys.readouterr().err
+
+
 def test_dataset_and_class_order_are_exclusive(tree, ckpt, tmp_path, capsys):
     order = class_index(tmp_path / "order.json", ORDER)
     assert extract_features.main(["--checkpoint", str(ckpt), "--data-root", str(tree),
@@ -333,10 +457,14 @@ def test_the_verdict_rules():
     assert v.backbone == "ok" and v.recorded_top1 == 0.76 and v.message is None
     v = judge_backbone({"holdout_top1": 0.9, "val_top1": 0.7}, rows, None, 3)
     assert v.backbone == "ok" and v.recorded_top1 is None
-    v = judge_backbone({"holdout_top1": 0.9}, rows, (0.40, "best_acc1"), 3)
+    # a record near chance beside a probe that passes: the record was scored in another order
+    v = judge_backbone({"holdout_top1": 0.9}, rows, (0.001, "best_acc1"), 3)
+    assert v.backbone == "ok"
+    v = judge_backbone({}, {}, (0.30, "best_acc1"), 3)  # nothing to probe: the record decides
     assert v.backbone == "untrained" and "never converged" in v.message
     v = judge_backbone({}, {}, None, 3)
     assert v.backbone == "unknown"
+    assert recorded_accuracy({"best_acc1": 10**400}, "training-script", {}) is None
 
 
 def verdict_run(tmp_path, data: Path, ckpt: Path, capsys) -> tuple[dict, str]:
