@@ -213,8 +213,9 @@ def fix(args: argparse.Namespace, argv: list[str] | None) -> int:
                     raise
                 # a chunk that fails its checksum shows only as it is read: stage 1 repairs it
                 # (--verify reads every chunk), then stage 2 runs again, once
-                log.warning("stage 2 found the store damaged (%s): repairing it with stage 1 "
-                            "--verify, then training again", exc)
+                if grp.main:
+                    log.warning("stage 2 found the store damaged (%s): repairing it with stage "
+                                "1 --verify, then training again", exc)
                 _run(grp, plan, "extract", lambda: extract(verify=True))
                 _run(grp, plan, "train", train)
             if grp.share(lambda: plan.stale("stitch")):
