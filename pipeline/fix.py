@@ -126,12 +126,14 @@ class Plan:
             return {}
         return state if isinstance(state, dict) else {}
 
-    def stale(self, stage: str) -> bool:
+    def stale(self, stage: str, key: dict | None = None) -> bool:
+        """Whether `stage` must run; `key`: its key, when already computed."""
         args = self.args
         if args.force or (stage == "extract" and args.verify):
             return True
         record = self.load_state().get(stage)
-        if not isinstance(record, dict) or record.get("key") != self.key(stage):
+        key = key if key is not None else self.key(stage)
+        if not isinstance(record, dict) or record.get("key") != key:
             return True
         output = self._output(stage)
         return output is None or record.get("output") != output
@@ -218,13 +220,7 @@ def fix(args: argparse.Namespace, argv: list[str] | None) -> int:
                                 "1 --verify, then training again", exc)
                 _run(grp, plan, "extract", lambda: extract(verify=True))
                 _run(grp, plan, "train", train)
-            if grp.share(lambda: plan.stale("stitch")):
-                if plan.verify_data is None and args.verify_data:
-                    log.info("no val/ split under %s: the fixed model is not checked end to end",
-                             args.data_root)
-                grp.agree(lambda: _stitch(args, plan), only_rank0=True)
-            else:
-                log.info("%s: up to date", TITLES["stitch"])
+            _stage(grp, plan, "stitch", lambda: _stitch(args, plan), only_rank0=True)
     finally:
         dist.leave()
     if grp.main:
@@ -239,30 +235,42 @@ def _plan(args: argparse.Namespace, held: contextlib.ExitStack) -> Plan:
     return plan
 
 
-def _stage(grp: dist.Group, plan: Plan, stage: str, fn) -> None:
-    """Run `stage` if it is stale (rank 0 decides for every rank)."""
-    if grp.share(lambda: plan.stale(stage)):
-        _run(grp, plan, stage, fn)
+def _stage(grp: dist.Group, plan: Plan, stage: str, fn, *, only_rank0: bool = False) -> None:
+    """Run `stage` if it is stale (rank 0 decides for every rank); its key is computed once."""
+    def check() -> tuple[bool, dict]:
+        key = plan.key(stage)
+        return plan.stale(stage, key), key
+
+    stale, key = grp.share(check)
+    if stale:
+        _run(grp, plan, stage, fn, key, only_rank0=only_rank0)
     else:
         log.info("%s: up to date", TITLES[stage])
 
 
-def _run(grp: dist.Group, plan: Plan, stage: str, fn) -> None:
-    key = plan.key(stage) if grp.main else None
-    if grp.main:
+def _run(grp: dist.Group, plan: Plan, stage: str, fn, key: dict | None = None, *,
+         only_rank0: bool = False) -> None:
+    """Run `stage` (on every rank, or on rank 0 only): its record is dropped before and written
+    after, with `key` taken before it ran (an image added meanwhile is not in the store). The
+    record is rank 0's file; a failure to write it stops every rank with one line."""
+    def start() -> None:
+        nonlocal key
+        key = key if key is not None else plan.key(stage)
         plan.record(stage)
-    summary = fn()
-    if grp.main:
+
+    grp.agree(start, only_rank0=True)
+    summary = grp.agree(fn, only_rank0=True) if only_rank0 else fn()
+    if grp.main and summary is not None:
         log.info(summary.line())
-        plan.record(stage, key)
+    grp.agree(lambda: plan.record(stage, key), only_rank0=True)
 
 
 def _stitch(args: argparse.Namespace, plan: Plan) -> None:
-    key = plan.key("stitch")
-    plan.record("stitch")
+    if plan.verify_data is None and args.verify_data:
+        log.info("no val/ split under %s: the fixed model is not checked end to end",
+                 args.data_root)
     run_stitch(args, checkpoint=plan.checkpoint, head=plan.head, out=plan.out, overwrite=True,
                verify_data=plan.verify_data)
-    plan.record("stitch", key)
 
 
 # --- what a stage's inputs are ---------------------------------------------------------------
