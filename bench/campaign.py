@@ -302,6 +302,29 @@ def same_as(store: Path, ref: Path, ref_snap: dict) -> list[str]:
     return diffs
 
 
+def killed_then_rerun(what: str, runs: list[dict], final: dict, out: Path, diffs_of,
+                      **extra) -> dict:
+    """The record of a stage 1 trial: ``runs`` were killed, ``final`` reran to the end.
+    ``diffs_of()`` lists how the store differs from what it should be."""
+    late = [group_members(r["pgid"]) for r in runs]  # the rerun's length later
+    for r in runs:
+        reap(r["pgid"])
+    diffs = diffs_of() if out.exists() else ["no store"]
+    left = leftovers(out)
+    return {
+        "what": what, **extra, "runs": [compact(r) for r in runs], "rerun": compact(final),
+        "differences": diffs, "leftovers_after_rerun": left, "orphans_after_rerun": late,
+        "checks": {
+            "killed_runs_no_traceback": not any(r["traceback"] for r in runs),
+            "no_processes_left_by_the_kill": not any(late),
+            "rerun_rc0": final["rc"] == 0 and not final["traceback"],
+            "bit_identical": not diffs,
+            "all_chunks_done": all_done(out),
+            "no_leftovers": not left,
+        },
+    }
+
+
 def head_state(path: Path) -> dict:
     import torch
     if not path.exists():
@@ -476,28 +499,12 @@ class Campaign:
                 runs.append(run(self.extract(out, *over), kill=kill, keep_group=True))
                 runs[-1]["leftovers_after_kill"] = leftovers(out)
             final = run(self.extract(out, *over))
-            late = [group_members(r["pgid"]) for r in runs]  # the rerun's length later
-            for r in runs:
-                reap(r["pgid"])
-            diffs = same_as(out, self.ref_a, self.snap_a) if out.exists() else ["no store"]
-            left = leftovers(out)
             what = ("--overwrite of a crop-40 store: " if over else "") + " then ".join(
                 f"kill {r['kill']['what']}" + (f" at {r['killed_at_s']}s" if r["kill_landed"]
                                                 else " (the run had ended first)")
                 for r in runs)
-            trial = {
-                "what": what, "runs": [compact(r) for r in runs], "rerun": compact(final),
-                "differences": diffs, "leftovers_after_rerun": left,
-                "orphans_after_rerun": late,
-                "checks": {
-                    "killed_runs_no_traceback": not any(r["traceback"] for r in runs),
-                    "no_processes_left_by_the_kill": not any(late),
-                    "rerun_rc0": final["rc"] == 0 and not final["traceback"],
-                    "bit_identical": not diffs,
-                    "all_chunks_done": all_done(out),
-                    "no_leftovers": not left,
-                },
-            }
+            trial = killed_then_rerun(what, runs, final, out,
+                                      lambda: same_as(out, self.ref_a, self.snap_a))
             self.record("kill stage 1 (twice)" if double else "kill stage 1", trial)
             shutil.rmtree(out, ignore_errors=True)
 
@@ -516,26 +523,11 @@ class Campaign:
                 runs.append(run(self.extract(out, "--verify"),
                                 kill=self.stage1_kill(rng, out, verify=True), keep_group=True))
             final = run(self.extract(out, "--verify"))
-            late = [group_members(r["pgid"]) for r in runs]
-            for r in runs:
-                reap(r["pgid"])
-            diffs = differences(before, snapshot(out)) if out.exists() else ["no store"]
-            left = leftovers(out)
-            trial = {
-                "what": "; ".join(s["what"] for s in specs) + " | " + " then ".join(
-                    f"kill {r['kill']['what']} at {r['killed_at_s']}s" for r in runs),
-                "tamperings": specs, "runs": [compact(r) for r in runs],
-                "rerun": compact(final), "differences": diffs, "leftovers_after_rerun": left,
-                "orphans_after_rerun": late,
-                "checks": {
-                    "killed_runs_no_traceback": not any(r["traceback"] for r in runs),
-                    "no_processes_left_by_the_kill": not any(late),
-                    "rerun_rc0": final["rc"] == 0 and not final["traceback"],
-                    "bit_identical": not diffs,
-                    "all_chunks_done": all_done(out),
-                    "no_leftovers": not left,
-                },
-            }
+            what = "; ".join(s["what"] for s in specs) + " | " + " then ".join(
+                f"kill {r['kill']['what']} at {r['killed_at_s']}s" for r in runs)
+            trial = killed_then_rerun(what, runs, final, out,
+                                      lambda: differences(before, snapshot(out)),
+                                      tamperings=specs)
             self.record("kill --verify repair", trial)
             shutil.rmtree(out, ignore_errors=True)
 
