@@ -142,6 +142,19 @@ def extract_args(ckpt: Path, data: Path, out: Path, *extra: str) -> list[str]:
             "--batch-size", "3", "--num-threads", "2", *extra]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_tmpdir(tmp_path_factory):
+    """Temp files of the code under test and its subprocesses (torchrun's torchelastic_* folders)
+    go under pytest's base folder, which a passing run removes, not into /tmp for good."""
+    import tempfile
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TMPDIR", str(tmp_path_factory.mktemp("TMPDIR")))
+    mp.setattr(tempfile, "tempdir", None)  # tempfile caches the folder it found first
+    yield
+    mp.undo()
+
+
 @pytest.fixture(autouse=True)
 def _quiet_threads(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))
