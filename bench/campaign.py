@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as _dt
+import functools
 import json
 import os
 import platform
@@ -504,7 +505,7 @@ class Campaign:
                                                 else " (the run had ended first)")
                 for r in runs)
             trial = killed_then_rerun(what, runs, final, out,
-                                      lambda: same_as(out, self.ref_a, self.snap_a))
+                                      functools.partial(same_as, out, self.ref_a, self.snap_a))
             self.record("kill stage 1 (twice)" if double else "kill stage 1", trial)
             shutil.rmtree(out, ignore_errors=True)
 
@@ -525,9 +526,8 @@ class Campaign:
             final = run(self.extract(out, "--verify"))
             what = "; ".join(s["what"] for s in specs) + " | " + " then ".join(
                 f"kill {r['kill']['what']} at {r['killed_at_s']}s" for r in runs)
-            trial = killed_then_rerun(what, runs, final, out,
-                                      lambda: differences(before, snapshot(out)),
-                                      tamperings=specs)
+            diffs_of = functools.partial(lambda b, o: differences(b, snapshot(o)), before, out)
+            trial = killed_then_rerun(what, runs, final, out, diffs_of, tamperings=specs)
             self.record("kill --verify repair", trial)
             shutil.rmtree(out, ignore_errors=True)
 
