@@ -268,6 +268,11 @@ def differences(a: dict, b: dict, limit: int = 8) -> list[str]:
     return diffs[:limit] + ([f"... {len(diffs) - limit} more"] if len(diffs) > limit else [])
 
 
+def changed_since(before: dict, store: Path) -> list[str]:
+    """How the store differs from its own earlier snapshot."""
+    return differences(before, snapshot(store))
+
+
 def root_attrs(store: Path) -> dict | None:
     try:
         return json.loads((store / "zarr.json").read_text()).get("attributes", {})
@@ -526,8 +531,9 @@ class Campaign:
             final = run(self.extract(out, "--verify"))
             what = "; ".join(s["what"] for s in specs) + " | " + " then ".join(
                 f"kill {r['kill']['what']} at {r['killed_at_s']}s" for r in runs)
-            diffs_of = functools.partial(lambda b, o: differences(b, snapshot(o)), before, out)
-            trial = killed_then_rerun(what, runs, final, out, diffs_of, tamperings=specs)
+            trial = killed_then_rerun(what, runs, final, out,
+                                      functools.partial(changed_since, before, out),
+                                      tamperings=specs)
             self.record("kill --verify repair", trial)
             shutil.rmtree(out, ignore_errors=True)
 
@@ -612,7 +618,7 @@ class Campaign:
         elif category == "tamper root":  # written again by the repairing run: its own record
             diffs = same_as(store, self.ref_a, self.snap_a)
         else:
-            diffs = differences(before, snapshot(store))
+            diffs = changed_since(before, store)
         head.unlink(missing_ok=True)
         r3 = run(self.train(store, head))
         h3 = head_state(head)
