@@ -22,7 +22,18 @@ import train_head
 from pipeline import data as D
 from pipeline import store as S
 from tests.conftest import extract_args, make_model, training_checkpoint
+from tests.test_extract import cosine
 from tests.test_train import separable, synthetic_store
+
+
+def assert_same_image(a: np.ndarray, b: np.ndarray) -> None:
+    """The features of two copies of one image that sat at different places in their batches.
+    Bit-identity is promised only for the same rows recomputed the same way (a resume): the
+    backbone's kernels may round a row differently at another batch position (oneDNN's fp32
+    convolutions on AMX do, by a unit in the last place of a float16), so: equal up to that."""
+    a, b = a.astype(np.float32), b.astype(np.float32)
+    assert cosine(a[None], b[None])[0] > 0.9999
+    np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-3 * float(np.abs(b).max()))
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -319,7 +330,7 @@ def test_a_file_changed_under_a_chunk_not_yet_done_is_simply_extracted(finished,
     err = capsys.readouterr().err
     assert "file(s) changed" not in err and "files changed" not in err and "nothing to do" in err
     x = S.open_store(out)["train"]["features"][:]
-    assert x[9].tobytes() == x[0].tobytes()
+    assert_same_image(x[9], x[0])  # file 9 now holds file 0's bytes
 
 
 def test_a_changed_file_under_a_finished_store_is_a_warning(finished, tree, ckpt, capsys):
@@ -348,8 +359,7 @@ def test_names_that_are_not_utf8_are_decoded_and_round_trip(tmp_path, tree, ckpt
     row = stored.index(escaped)
     twin = stored.index(f"n01/{os.fsdecode(first)}")
     assert g["ok"][row] == 1
-    x = g["features"][:]
-    assert x[row].tobytes() == x[twin].tobytes()
+    assert_same_image(g["features"][row], g["features"][twin])
     assert D.stored_name("n01/plain é.JPEG") == "n01/plain é.JPEG"
 
 
