@@ -1,10 +1,11 @@
 # Quick Fix Labels. `make demo` sets up and runs the bundled demo; `make test` runs the tests.
 #
 #   make fix CHECKPOINT=runs/checkpoint_best.pth DATA=/data/imagenet \
-#            [DATASET=imagenet1k | CLASS_ORDER=order.txt] [EPOCHS=5] [LR=0.03,0.1,0.3,1] [WD=0,0.0001]
+#            [DATASET=imagenet1k | CLASS_ORDER=order.txt] [EPOCHS=N] [LR=0.1,0.3] [WD=0,0.0001]
 #
 # runs `quickfix-labels` (pipeline/fix.py), which runs the three stages and reruns only what is
-# stale: a new LR reruns stages 2 and 3 only. The fixed model lands in fixed/ beside CHECKPOINT,
+# stale: a new LR reruns stages 2 and 3 only. EPOCHS, LR and WD left unset take the command's
+# defaults (quickfix-labels --help). The fixed model lands in fixed/ beside CHECKPOINT,
 # under its file name, with the feature store and the head beside it. FLAGS (or EXTRACT_FLAGS,
 # TRAIN_FLAGS, STITCH_FLAGS) pass any other flag of quickfix-labels. Paths must not contain
 # spaces (a limit of make).
@@ -19,9 +20,9 @@ CLASS_ORDER ?=
 DATASET     ?=
 FIXDIR      ?= $(patsubst %/,%,$(dir $(CHECKPOINT)))/fixed
 STORE       ?=
-EPOCHS      ?= 5
-LR          ?= 0.03,0.1,0.3,1
-WD          ?= 0,0.0001
+EPOCHS      ?=
+LR          ?=
+WD          ?=
 FLAGS         ?=
 EXTRACT_FLAGS ?=
 TRAIN_FLAGS   ?=
@@ -68,5 +69,6 @@ endif
 fix: $(if $(filter $(VENV)/bin/python,$(PY)),install)
 	$(PY) -m pipeline --resume $(CHECKPOINT) --data-root $(DATA) --checkpoint-dir $(FIXDIR) \
 	    $(if $(DATASET),--dataset $(DATASET)) $(if $(CLASS_ORDER),--class-order $(CLASS_ORDER)) \
-	    $(if $(STORE),--features $(STORE)) --fix-epochs $(EPOCHS) --lr $(LR) \
-	    --weight-decay $(WD) $(FLAGS) $(EXTRACT_FLAGS) $(TRAIN_FLAGS) $(STITCH_FLAGS)
+	    $(if $(STORE),--features $(STORE)) $(if $(EPOCHS),--fix-epochs $(EPOCHS)) \
+	    $(if $(LR),--lr $(LR)) $(if $(WD),--weight-decay $(WD)) \
+	    $(FLAGS) $(EXTRACT_FLAGS) $(TRAIN_FLAGS) $(STITCH_FLAGS)

@@ -5,11 +5,11 @@
         --dataset imagenet1k --out features.zarr
 
 Rerunning the same command resumes an interrupted run, and is a no-op on a finished store.
-The flags are in `pipeline.commands`; `quickfix-labels` runs all three stages.
+The flags are declared in `pipeline.settings`; `quickfix-labels` runs all three stages.
 """
 
-from pipeline.commands import extract_main as main
-from pipeline.commands import extract_parser as build_parser
+from pipeline.cli import extract_main as main
+from pipeline.cli import extract_parser as build_parser
 
 __all__ = ["build_parser", "main"]
 

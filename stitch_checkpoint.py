@@ -4,11 +4,11 @@
     python stitch_checkpoint.py --checkpoint checkpoint_best.pth --head head.pt \
         --out fixed/checkpoint_best.pth --verify-data /data/imagenet/val
 
-The flags are in `pipeline.commands`; `quickfix-labels` runs all three stages.
+The flags are declared in `pipeline.settings`; `quickfix-labels` runs all three stages.
 """
 
-from pipeline.commands import stitch_main as main
-from pipeline.commands import stitch_parser as build_parser
+from pipeline.cli import stitch_main as main
+from pipeline.cli import stitch_parser as build_parser
 
 __all__ = ["build_parser", "main"]
 

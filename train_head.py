@@ -3,11 +3,11 @@
 
     python train_head.py --features features.zarr --checkpoint checkpoint_best.pth --out head.pt
 
-The flags are in `pipeline.commands`; `quickfix-labels` runs all three stages.
+The flags are declared in `pipeline.settings`; `quickfix-labels` runs all three stages.
 """
 
-from pipeline.commands import train_main as main
-from pipeline.commands import train_parser as build_parser
+from pipeline.cli import train_main as main
+from pipeline.cli import train_parser as build_parser
 
 __all__ = ["build_parser", "main"]
 

@@ -1123,7 +1123,7 @@ BAD_CASES = [
 
 
 def machine() -> dict:
-    from pipeline.cli import package_versions
+    from pipeline.provenance import package_versions
 
     def sh(*cmd):
         try:

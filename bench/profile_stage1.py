@@ -38,6 +38,7 @@ from pipeline import readers as R  # noqa: E402
 from pipeline.cli import setup_logging  # noqa: E402
 from pipeline.extract import run_extract  # noqa: E402
 from pipeline.models import Preprocess  # noqa: E402
+from pipeline.settings import ExtractSettings  # noqa: E402
 
 PRE = Preprocess(256, 224)
 
@@ -94,9 +95,10 @@ def reader_only(split: D.Split, batch: int, threads: int, chunk_rows: int) -> fl
 def stage1(data: Path, ckpt: Path, store: Path, batch: int, threads: int, chunk_rows: int,
            profile: dict) -> float:
     shutil.rmtree(store, ignore_errors=True)
-    s = run_extract(checkpoint=ckpt, data_root=data, out=store, splits=["train"],
-                    resize=PRE.resize, crop=PRE.crop, batch_size=batch, device="cpu",
-                    decoder="dali", num_threads=threads, chunk_rows=chunk_rows)
+    s = run_extract(ExtractSettings(
+        checkpoint=ckpt, data_root=data, out=store, splits=["train"], resize=PRE.resize,
+        crop=PRE.crop, batch_size=batch, device="cpu", decoder="dali", num_threads=threads,
+        chunk_rows=chunk_rows))
     profile.update(s.profile, seconds=s.seconds)
     return s.images / s.seconds
 

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline import store as S  # noqa: E402
-from pipeline.cli import package_versions  # noqa: E402
+from pipeline.provenance import package_versions  # noqa: E402
 
 
 def run(cmd: list[str], env: dict) -> tuple[float, str]:

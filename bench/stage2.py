@@ -44,7 +44,8 @@ def make_features(n: int, dim: int, classes: int, seed: int = 0, device: str = "
 
 def time_epochs(train: H.Features, lrs: list[float], classes: int, device: torch.device,
                 epochs: int, module=H, wd: float = 0.0) -> tuple[float, H.TrainResult]:
-    cfg = module.TrainConfig(lrs=lrs, wds=[wd], epochs=epochs + 1, batch_size=256)
+    cfg = module.TrainConfig(lrs=lrs, wds=[wd], epochs=epochs + 1, batch_size=256,
+                             warmup_epochs=1.0)
     res = module.train_heads(module.Features(train.x, train.y), cfg, num_classes=classes,
                              device=device)
     return 1000 * float(np.median(res.epoch_seconds[1:])), res

@@ -63,7 +63,7 @@ def main() -> int:
     print("|---|---|---|---|---|")
     for lrs, wds in (([0.1], [0.0]), ([0.01, 0.03, 0.1, 0.3], [0.0, 1e-4, 1e-3])):
         cfg = H.TrainConfig(lrs=lrs, wds=wds, epochs=1, batch_size=args.batch,
-                            label_smoothing=0.1)
+                            warmup_epochs=1.0, label_smoothing=0.1)
         batches = H.Batches(train, args.batch, dev)
         mu, scale = H.feature_stats(x, dev)
         times = {H.HeadState: [], AutogradState: []}

@@ -40,9 +40,11 @@ from bench.photos import make_photo_tree  # noqa: E402
 from bench.reference import reference_rate, tune  # noqa: E402
 from bench.stage2 import make_features, time_epochs  # noqa: E402
 from pipeline import head as H  # noqa: E402
-from pipeline.cli import package_versions, setup_logging  # noqa: E402
+from pipeline.cli import setup_logging  # noqa: E402
 from pipeline.extract import run_extract  # noqa: E402
 from pipeline.models import Preprocess, split_backbone  # noqa: E402
+from pipeline.provenance import package_versions  # noqa: E402
+from pipeline.settings import ExtractSettings  # noqa: E402
 from tests.conftest import make_model, training_checkpoint  # noqa: E402
 
 PRE = Preprocess(256, 224)
@@ -98,9 +100,10 @@ def stage1_rate(ckpt: Path, data: Path, store: Path, dev: torch.device, batch: i
     import shutil
 
     shutil.rmtree(store, ignore_errors=True)
-    summary = run_extract(checkpoint=ckpt, data_root=data, out=store, splits=["train"],
-                          resize=PRE.resize, crop=PRE.crop, batch_size=batch, device=dev.type,
-                          decoder="dali", num_threads=threads, overwrite=True)
+    summary = run_extract(ExtractSettings(
+        checkpoint=ckpt, data_root=data, out=store, splits=["train"], resize=PRE.resize,
+        crop=PRE.crop, batch_size=batch, device=dev.type, decoder="dali", num_threads=threads,
+        overwrite=True))
     profile = dict(summary.profile, seconds=summary.seconds)
     return summary.images / summary.seconds, profile
 

@@ -41,7 +41,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, first_line, ref
+
+TRAIN = ref("cmd.train")
+TRUST = ref("trust_checkpoint")
 
 log = logging.getLogger("quickfix")
 
@@ -153,7 +156,7 @@ def load_checkpoint(path: Path, *, trust: bool = False, use_ema: bool | None = F
         use_ema = layout == "timm" and is_weights(raw.get("state_dict_ema"))
         if use_ema:
             log.info("timm checkpoint with state_dict_ema: using the EMA weights, as timm's "
-                     "loader does (--no-ema for the others)")
+                     "loader does (%s for the others)", ref("extract.ema", negate=True))
     source_key, weights = _find_weights(raw, use_ema=use_ema, path=path)
     if isinstance(weights, torch.nn.Module):
         weights = weights.state_dict()
@@ -253,7 +256,7 @@ def _explain_safetensors_failure(path: Path, exc: Exception) -> str:
     if expected is not None and size < expected:
         return (f"checkpoint {path} is a damaged safetensors file: cut short ({size:,} of "
                 f"{expected:,} bytes); re-copy it from its source")
-    return f"checkpoint {path} is a damaged safetensors file ({_first_line(exc)}); re-copy it"
+    return f"checkpoint {path} is a damaged safetensors file ({first_line(exc)}); re-copy it"
 
 
 def _safetensors_length(path: Path, size: int) -> int | None:
@@ -287,7 +290,7 @@ def _metadata_classes(metadata: Mapping[str, str]) -> list[str] | None:
 def torch_load(path: Path, *, trust: bool) -> Any:
     _check_file(path, "checkpoint", "check the path")
     if trust:
-        log.warning("loading %s with full unpickling (--trust-checkpoint)", path)
+        log.warning("loading %s with full unpickling (%s)", path, TRUST)
     try:
         if trust:
             return torch.load(path, map_location="cpu", weights_only=False)
@@ -319,7 +322,7 @@ def load_head(path: Path) -> dict:
     applies to it. A file that loads but is not a head (a checkpoint passed as --head) is
     refused here, not with a KeyError later.
     """
-    _check_file(path, "head file", f"run train_head.py first, and pass {_WANTED['head file']}")
+    _check_file(path, "head file", f"run {TRAIN} first, and pass {_WANTED['head file']}")
     try:
         raw = safe_load(path)
     except Exception as exc:  # as in torch_load
@@ -327,7 +330,7 @@ def load_head(path: Path) -> dict:
             path, exc, "head file", lambda name: _head_global(path, name))) from exc
     problem = _head_problem(raw)
     if problem is not None:
-        raise CheckpointError(f"head file {path} is not a head written by train_head.py "
+        raise CheckpointError(f"head file {path} is not a head written by {TRAIN} "
                               f"({problem}); pass {_WANTED['head file']}")
     return raw
 
@@ -339,8 +342,8 @@ def _head_problem(raw: Any) -> str | None:
     if absent:
         checkpoint = is_state_dict(raw) or any(k in raw for k in MODEL_KEYS + EMA_KEYS)
         return (f"it has no {', '.join(absent)}"
-                + ("; it looks like a checkpoint, which goes to --checkpoint" if checkpoint
-                   else ""))
+                + (f"; it looks like a checkpoint, which goes to {ref('stitch.checkpoint')}"
+                   if checkpoint else ""))
     weight, bias, classes, store = (raw[k] for k in ("weight", "bias", "classes", "store"))
     if not (isinstance(weight, torch.Tensor) and weight.ndim == 2
             and weight.is_floating_point()):
@@ -376,7 +379,7 @@ _LOOKALIKES = (
 )
 # What to pass instead of a file that is not one, by what it was given as.
 _WANTED = {"checkpoint": "the checkpoint your training script saved",
-           "head file": "the file train_head.py's --out wrote"}
+           "head file": f"the file {TRAIN}'s {ref('train.out')} wrote"}
 _CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".safetensors", ".tar")
 # Read errors of the machine, not of the file's content.
 _READ_ERRNOS = (errno.EACCES, errno.EPERM, errno.EIO, errno.ENOENT, errno.ESTALE)
@@ -504,7 +507,7 @@ def _zip_problem(path: Path, size: int, what: str) -> str | None:
                         "the model's state_dict() and pass that")
             bad = archive.testzip()
     except Exception as exc:  # zipfile raises BadZipFile, OSError, ValueError... on damage
-        return f"is a damaged zip archive ({_first_line(exc)}); re-copy it from its source"
+        return f"is a damaged zip archive ({first_line(exc)}); re-copy it from its source"
     if bad is not None:
         return (f"is damaged: its record {bad} fails its CRC or header check; re-copy it from "
                 "its source")
@@ -566,20 +569,16 @@ def _checkpoint_global(path: Path, name: str) -> str:
     if _runs_code(name):
         return (f"checkpoint {path} refers to {name}, which runs code or commands when the file "
                 "is unpickled, and a checkpoint never needs it; nothing was loaded and nothing "
-                "ran. Get the file from its source again; --trust-checkpoint would run it")
+                f"ran. Get the file from its source again; {TRUST} would run it")
     return (f"checkpoint {path} refers to {name}, which is not on the safe-loading allowlist "
             "(tensors, argparse.Namespace, numpy scalars/dtypes/arrays); nothing in it was run. "
-            "If you trust where the file came from, rerun with --trust-checkpoint, which runs "
-            "any code the file holds")
+            f"If you trust where the file came from, rerun with {TRUST}, which runs any code "
+            "the file holds")
 
 
 def _head_global(path: Path, name: str) -> str:
-    return (f"head file {path} refers to {name}, which a head written by train_head.py never "
-            f"holds; nothing in it was run. Pass {_WANTED['head file']}, or rerun train_head.py")
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0]
+    return (f"head file {path} refers to {name}, which a head written by {TRAIN} never holds; "
+            f"nothing in it was run. Pass {_WANTED['head file']}, or rerun {TRAIN}")
 
 
 def is_state_dict(obj: Any) -> bool:
@@ -594,7 +593,8 @@ def is_state_dict(obj: Any) -> bool:
 def _find_weights(raw: Mapping, *, use_ema: bool, path: Path) -> tuple[str | None, Any]:
     if is_state_dict(raw):
         if use_ema:
-            raise CheckpointError(f"--ema was given but {path} is a bare state dict with no EMA")
+            raise CheckpointError(f"{ref('extract.ema')} was given but {path} is a bare state "
+                                  "dict with no EMA")
         return None, raw
     keys = EMA_KEYS if use_ema else MODEL_KEYS
     for key in keys:

@@ -20,13 +20,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import DataError
+from .errors import DataError, ref
 from .imagefile import pil_decode, read_bytes, sniff  # noqa: F401 - re-exported
 from .models import Preprocess
 
 log = logging.getLogger("quickfix")
 
 KNOWN_SPLITS = ("train", "val", "validation", "test")
+ORDER = ref("extract.class_order")
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
 
 # ---------------------------------------------------------------------------------------------
@@ -44,7 +45,7 @@ class Split:
 
 def find_splits(data_root: Path, requested: Sequence[str] | None) -> list[str]:
     if not data_root.is_dir():
-        raise DataError(f"--data-root {data_root} is not a directory")
+        raise DataError(f"{ref('extract.data_root')} {data_root} is not a directory")
     if requested:
         missing = [s for s in requested if not (data_root / s).is_dir()]
         if missing:
@@ -57,7 +58,8 @@ def find_splits(data_root: Path, requested: Sequence[str] | None) -> list[str]:
     if not present:
         raise DataError(
             f"no split folders ({', '.join(KNOWN_SPLITS)}) under {data_root}; expected the "
-            "ImageFolder layout root/train/<class>/*.JPEG, or name the splits with --splits"
+            f"ImageFolder layout root/train/<class>/*.JPEG, or name the splits with "
+            f"{ref('extract.splits')}"
         )
     return present
 
@@ -75,14 +77,14 @@ def read_class_table(path: Path) -> tuple[list[str], list[str] | None]:
     """A class-order file's class ids, and their human names when it gives them
     (imagenet_class_index.json form: `{"0": ["n01440764", "tench"], ...}`)."""
     if not path.is_file():
-        raise DataError(f"--class-order {path} does not exist")
+        raise DataError(f"{ORDER} {path} does not exist")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise DataError(f"--class-order {path} is not UTF-8 text (byte {exc.start}): save it as "
+        raise DataError(f"{ORDER} {path} is not UTF-8 text (byte {exc.start}): save it as "
                         "UTF-8, one class id per line or imagenet_class_index.json") from exc
     except OSError as exc:
-        raise DataError(f"--class-order {path}: cannot read it ({exc.strerror})") from exc
+        raise DataError(f"{ORDER} {path}: cannot read it ({exc.strerror})") from exc
     names = None
     if text.lstrip().startswith(("{", "[")):
         entries = _parse_json_order(path, text)
@@ -94,10 +96,10 @@ def read_class_table(path: Path) -> tuple[list[str], list[str] | None]:
         classes = [ln.strip() for ln in text.splitlines()]
         classes = [c for c in classes if c and not c.startswith("#")]
     if not classes:
-        raise DataError(f"--class-order {path} lists no classes")
+        raise DataError(f"{ORDER} {path} lists no classes")
     dupes = sorted(c for c, n in Counter(classes).items() if n > 1)
     if dupes:
-        raise DataError(f"--class-order {path} lists {', '.join(dupes[:5])} more than once")
+        raise DataError(f"{ORDER} {path} lists {', '.join(dupes[:5])} more than once")
     return classes, names
 
 
@@ -106,19 +108,19 @@ def _parse_json_order(path: Path, text: str) -> list:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DataError(f"--class-order {path} is not valid JSON: {exc}") from exc
+        raise DataError(f"{ORDER} {path} is not valid JSON: {exc}") from exc
     if isinstance(data, list):
         return [c if isinstance(c, list) and c else str(c) for c in data]
     if not isinstance(data, dict):
-        raise DataError(f"--class-order {path}: expected an object {{\"0\": [id, name], ...}}")
+        raise DataError(f"{ORDER} {path}: expected an object {{\"0\": [id, name], ...}}")
     try:
         items = sorted((int(k), v) for k, v in data.items())
     except ValueError as exc:
         raise DataError(
-            f"--class-order {path}: keys must be indices \"0\", \"1\", ...: {exc}"
+            f"{ORDER} {path}: keys must be indices \"0\", \"1\", ...: {exc}"
         ) from exc
     if [i for i, _ in items] != list(range(len(items))):
-        raise DataError(f"--class-order {path}: indices must run 0..{len(items) - 1} without gaps")
+        raise DataError(f"{ORDER} {path}: indices must run 0..{len(items) - 1} without gaps")
     return [v if isinstance(v, list) and v else str(v) for _, v in items]
 
 
@@ -135,7 +137,7 @@ def scan_split(name: str, split_root: Path, classes: Sequence[str]) -> Split:
         if folder not in index:
             raise DataError(
                 f"class folder {split_root / folder} is not in the class order; "
-                "add it to --class-order or remove the folder"
+                f"add it to {ORDER} or remove the folder"
             )
         for dirpath, dirnames, filenames in os.walk(split_root / folder, followlinks=True):
             try:
@@ -233,7 +235,7 @@ def resolve_class_order(
         from .presets import check_folders, get_preset
 
         if order_file is not None:
-            raise DataError("give --dataset or --class-order, not both")
+            raise DataError(f"give {ref('extract.dataset')} or {ORDER}, not both")
         preset = get_preset(dataset)
         check_folders(preset, split_folders or {"data": folder_classes})
         classes, names = preset.classes, preset.names
@@ -261,7 +263,7 @@ def resolve_class_order(
     if natural != folder_classes:
         notes.append(
             "sorted folder names differ from their natural sort (e.g. '2' before '10'); "
-            "if the model was trained with natural order, pass it as --class-order"
+            f"if the model was trained with natural order, pass it as {ORDER}"
         )
     if checkpoint_classes is not None and checkpoint_classes != classes:
         notes.append(_diff_text("the checkpoint's own class mapping", checkpoint_classes, source,

@@ -153,11 +153,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(data: Path, buggy: Path, fixed: Path, reference: Path, head_path: Path) -> None:
     """Val top-1 end to end on the images (full model, torchvision path), correct labels."""
-    from .checkpoint import load_head
     from .files import resolve_device
+    from .headfile import HeadRecord
     from .stitch import verify_on_images
 
-    head = load_head(head_path)
+    head = HeadRecord.load(head_path)
     device = resolve_device("auto")
     rows = [(f"buggy model ({buggy})", buggy), (f"fixed model ({fixed})", fixed),
             (f"reference, trained with the correct order ({reference})", reference)]
@@ -166,7 +166,7 @@ def report(data: Path, buggy: Path, fixed: Path, reference: Path, head_path: Pat
     for name, path in rows:
         result = verify_on_images(path, data, head, device=device)
         print(f"  {result.top1:6.1%}  {name}", file=sys.stderr)
-    diag = head["diagnosis"]
+    diag = head.diagnosis
     recorded = diag.get("recorded_top1")
     recorded = f"{recorded:.1%}" if recorded is not None else "nothing"
     print(f"(the old head was a permutation of the right one: {diag['is_permutation']}, "

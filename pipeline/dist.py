@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from .errors import QuickFixError, SetupError
+from .errors import QuickFixError, SetupError, first_line, ref
 
 T = TypeVar("T")
 
@@ -83,8 +83,9 @@ class Group:
                 raise error
             return value
         errors: list = [None] * self.world
+        # the message as raised: each rank's command renders the settings it names
         dist.all_gather_object(errors, None if error is None else (type(error).__name__,
-                                                                   str(error)))
+                                                                   error.raw))
         failed = [(rank, *e) for rank, e in enumerate(errors) if e is not None]
         if not failed:
             return value
@@ -131,7 +132,7 @@ def join(backend: str = "gloo") -> Group:
     if backend == "cuda":
         if not dist.is_nccl_available():
             raise SetupError("this torch build has no NCCL: run stage 2 under torchrun with "
-                             "--device cpu, or install a CUDA build of torch")
+                             f"{ref('device', 'cpu')}, or install a CUDA build of torch")
         backend = "cpu:gloo,cuda:nccl"
     if not dist.is_initialized():
         try:
@@ -141,8 +142,7 @@ def join(backend: str = "gloo") -> Group:
                                     rank=rank, world_size=world, timeout=TIMEOUT)
         except (RuntimeError, ValueError) as exc:
             addr = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
-            raise SetupError(f"cannot join the torchrun job at {addr}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else exc}") from exc
+            raise SetupError(f"cannot join the torchrun job at {addr}: {first_line(exc)}") from exc
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         _joined.append(dist.PrefixStore(f"quickfix/{restart}", store))
     return Group(dist.get_rank(), dist.get_world_size(), local_rank, local_world, _joined[-1])

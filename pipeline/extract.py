@@ -27,12 +27,14 @@ from . import models as M
 from . import readers as R
 from . import store as S
 from .checkpoint import LAYOUTS, Checkpoint, backbone_digest, load_checkpoint
-from .cli import package_versions, run_record
-from .errors import ArchitectureError, DataError, StoreError
+from .errors import ArchitectureError, DataError, StoreError, ref
 from .files import resolve_device
 from .progress import Progress
+from .provenance import package_versions, run_record
+from .settings import ExtractSettings
 
 log = logging.getLogger("quickfix")
+X = ExtractSettings  # its settings, named in messages: X.ref("crop")
 
 
 @dataclass
@@ -67,7 +69,7 @@ class Model:
 
     arch: str
     backbone: torch.nn.Module
-    head_name: str
+    head_layer: str
     feature_dim: int
     num_classes: int
     backbone_sha256: str
@@ -83,17 +85,12 @@ def resolve_decoder(decoder: str) -> str:
                     "install nvidia-dali-cuda130 for the fast path")
         return "pil"
     if decoder == "dali" and not R.dali_available():
-        raise DataError("--decoder dali: NVIDIA DALI is not installed "
-                        "(pip install nvidia-dali-cuda130), or pass --decoder pil")
+        raise DataError(f"{X.ref('decoder', 'dali')}: NVIDIA DALI is not installed "
+                        f"(pip install nvidia-dali-cuda130), or pass {R.PIL}")
     return decoder
 
 
-def dali_device(device: torch.device) -> str:
-    """DALI's decoder placement: nvJPEG + hardware decoder on CUDA, libjpeg-turbo on the CPU."""
-    return "mixed" if device.type == "cuda" else "cpu"
-
-
-def prepare_model(ckpt: Checkpoint, arch: str | None, head: str | None = None) -> Model:
+def prepare_model(ckpt: Checkpoint, arch: str | None, head_layer: str | None = None) -> Model:
     """Build the architecture, load the checkpoint into it, and cut off the head."""
     sd = ckpt.state_dict
     if arch is None:
@@ -101,25 +98,27 @@ def prepare_model(ckpt: Checkpoint, arch: str | None, head: str | None = None) -
         if arch is not None and ":" not in arch and arch not in M.torchvision_archs():
             raise ArchitectureError(
                 f"the checkpoint names its architecture {arch!r}, which is not a torchvision "
-                "model; pass --arch NAME, --arch timm:NAME or --arch package.module:function"
-            )
+                f"model; pass {X.ref('arch', 'NAME')}, {X.ref('arch', 'timm:NAME')} or "
+                f"{X.ref('arch', 'package.module:function')}")
         if arch is not None:
             log.info("architecture from the checkpoint: %s", arch)
     if arch is None:
         arch = M.infer_arch(sd)
-    if head is not None and getattr(sd.get(f"{head}.weight"), "ndim", 0) != 2:
+    if head_layer is not None and getattr(sd.get(f"{head_layer}.weight"), "ndim", 0) != 2:
         layers = [k.removesuffix(".weight") for k, v in sd.items()
                   if k.endswith(".weight") and v.ndim == 2]
-        raise ArchitectureError(f"--head {head}: the checkpoint has no 2-d {head}.weight; "
-                                f"its linear layers are {', '.join(layers[-8:]) or 'none'}")
-    _, num_classes = M.find_head_of(arch, sd, head)
+        raise ArchitectureError(f"{X.ref('head_layer', head_layer)}: the checkpoint has no 2-d "
+                                f"{head_layer}.weight; its linear layers are "
+                                f"{', '.join(layers[-8:]) or 'none'}")
+    _, num_classes = M.find_head_of(arch, sd, head_layer)
     model = M.build_model(arch, num_classes, sd)
     M.load_weights(model, sd, arch)
-    heads = M.find_heads(model, head)
+    heads = M.find_heads(model, head_layer)
     backbone, heads, dim = M.split_backbone(model, heads)
     if M.head_out_features(sd, heads.head) != num_classes:
         raise ArchitectureError(f"{arch}: the head {heads.head} does not have {num_classes} "
-                                "outputs; name the classification head with --head")
+                                f"outputs; name the classification head with "
+                                f"{X.ref('head_layer')}")
     if heads.tied:
         log.info("heads %s are averaged at eval time: the backbone gives the average of their "
                  "inputs, and each receives the new head", ", ".join(heads.replaced))
@@ -133,8 +132,8 @@ def settle_heads(model: Model, state_dict, size: int) -> None:
     if used:
         log.warning("layers %s have as many outputs as the head (%d) but the model uses them at "
                     "eval time, so they are not heads and are left as they are; if one is a "
-                    "second classification head, pass --head to choose the one to retrain",
-                    ", ".join(used), model.num_classes)
+                    "second classification head, pass %s to choose the one to retrain",
+                    ", ".join(used), model.num_classes, X.ref("head_layer"))
     if heads.auxiliary:
         log.info("auxiliary heads over the same classes: %s (stage 3 re-orders them too)",
                  ", ".join(heads.auxiliary))
@@ -213,219 +212,235 @@ class Engine:
         return out, out_peak, ready, release
 
 
-@dataclass
-class Job:
-    """What stage 1 settles before it touches the store: the inputs checked, the model ready,
-    the files scanned, and the store's identity."""
+# ---------------------------------------------------------------------------------------------
+# What stage 1 settles before it touches the store
 
-    scanned: list[D.Split]
-    components: dict
-    create_kwargs: dict
-    model: Model
-    pre: M.Preprocess
-    dev: torch.device
-    decoder: str
-    precision: str
-    out_dtype: np.dtype
-    batch_size: int
-    chunk_rows: int
+
+@dataclass(frozen=True)
+class Runtime:
+    """How this process runs the stage: the settings resolved on this machine."""
+
+    device: torch.device
+    decoder: str  # "dali" or "pil"
+    precision: str  # "fp32", "bf16" or "fp16"
     num_threads: int
     read_workers: int
 
+    @property
+    def decoder_name(self) -> str:
+        """The decoder as the store records it: pil, dali-cpu or dali-mixed."""
+        return "pil" if self.decoder == "pil" else f"dali-{R.dali_device(self.device)}"
 
-def _prepare(*, checkpoint: Path, data_root: Path, out: Path, splits, class_order, dataset,
-             arch, resize,
-             crop, batch_size: int, device: str, decoder: str, precision: str, float32: bool,
-             chunk_rows: int, num_threads, read_workers, trust_checkpoint: bool, use_ema, head,
-             rank: int, world_size: int, argv) -> Job:
-    # --- validate everything before any heavy work -------------------------------------------
-    if batch_size < 1 or chunk_rows < 1:
-        raise DataError("--batch-size and --chunk-rows must be at least 1")
-    if (num_threads is not None and num_threads < 1) or (read_workers is not None
-                                                         and read_workers < 1):
-        raise DataError("--num-threads and --read-workers must be at least 1")
-    if not 0 <= rank < world_size:
-        raise DataError(f"rank {rank} is outside world size {world_size}")
-    if out.exists() and not S.is_store(out):
-        S.check_replaceable(out)
-    dev = resolve_device(device)
-    decoder = resolve_decoder(decoder)
+
+@dataclass
+class Job:
+    """The inputs checked, the model ready, the files scanned, and the store they make."""
+
+    settings: ExtractSettings
+    runtime: Runtime
+    model: Model
+    pre: M.Preprocess
+    scanned: list[D.Split]
+    components: dict  # the store's fingerprint, before hashing
+    spec: dict  # the rest of what a new store is made from (store.create_store's arguments)
+
+    @property
+    def out(self) -> Path:
+        return self.settings.out
+
+    @property
+    def chunk_rows(self) -> int:
+        return self.settings.chunk_rows
+
+    @property
+    def out_dtype(self) -> np.dtype:
+        return np.dtype("float32" if self.settings.float32 else "float16")
+
+
+def prepare(settings: ExtractSettings, argv: Sequence[str] | None) -> Job:
+    """Everything checked and settled before any heavy work: where and how to compute, the
+    model and its eval transform, the class order, the files, and the store's identity."""
+    if settings.out.exists() and not S.is_store(settings.out):
+        S.check_replaceable(settings.out)
+    runtime = resolve_runtime(settings)
+    split_names = D.find_splits(settings.data_root, settings.splits)
+    ckpt, model, pre, pre_source = load_model(settings)
+    order = resolve_order(settings, ckpt, model, split_names)
+    scanned = [D.store_order(D.scan_split(s, settings.data_root / s, order.classes))
+               for s in split_names]
+    components = fingerprint(settings, runtime, model, pre, order, scanned)
+    spec = dict(
+        classes=order.classes,
+        splits=[S.SplitSpec(s.name, s.files, s.labels, s.stats) for s in scanned],
+        feature_dim=model.feature_dim, dtype=components["dtype"],
+        chunk_rows=settings.chunk_rows,
+        record=run_record(argv, {
+            "checkpoint": str(settings.checkpoint), "data_root": str(settings.data_root),
+            "arch": model.arch, "class_order_source": order.source,
+            "preprocessing_source": pre_source, "batch_size": settings.batch_size,
+            "num_threads": runtime.num_threads, "read_workers": runtime.read_workers}),
+        extra_attrs={"checkpoint": {"path": str(settings.checkpoint.resolve()),
+                                    "backbone_sha256": model.backbone_sha256,
+                                    "head": model.head_layer, "num_classes": model.num_classes,
+                                    "classes": ckpt.classes, "layout": ckpt.layout,
+                                    "weights": ckpt.source_key, "ema": ckpt.use_ema},
+                     "class_audit": {"source": order.source, "warnings": order.warnings},
+                     "class_names": order.names})
+    return Job(settings, runtime, model, pre, scanned, components, spec)
+
+
+def resolve_runtime(settings: ExtractSettings) -> Runtime:
+    dev = resolve_device(settings.device)
+    decoder = resolve_decoder(settings.decoder)
+    precision = settings.precision
     if precision == "auto":
         precision = "bf16" if dev.type == "cuda" else "fp32"
     if precision != "fp32" and dev.type != "cuda":
-        raise DataError(f"--precision {precision} needs --device cuda; on the CPU use fp32")
-    num_threads = num_threads or min(Dist.local_cores(), 16)
-    # Reading, sniffing and header parsing cost ~0.1 ms a file in a worker process: one worker
-    # feeds a few CPU decoder threads, several feed the GPU decoder.
-    read_workers = read_workers or max(1, min(8, num_threads // 4))
-    split_names = D.find_splits(data_root, splits)
+        raise DataError(f"{X.ref('precision', precision)} needs {ref('device', 'cuda')}; on "
+                        "the CPU use fp32")
+    threads = settings.num_threads or R.default_threads()
+    return Runtime(dev, decoder, precision, threads,
+                   settings.read_workers or R.default_workers(threads))
 
-    ckpt = load_checkpoint(checkpoint, trust=trust_checkpoint, use_ema=use_ema)
+
+def load_model(settings: ExtractSettings
+               ) -> tuple[Checkpoint, Model, M.Preprocess, str]:
+    """The checkpoint, its backbone ready to run, and the eval transform (and its source)."""
+    ckpt = load_checkpoint(settings.checkpoint, trust=settings.trust_checkpoint,
+                           use_ema=settings.ema)
     log.info("checkpoint: %s, weights from %s", LAYOUTS[ckpt.layout],
              ckpt.source_key or "the file itself")
-    model = prepare_model(ckpt, arch, head)
+    model = prepare_model(ckpt, settings.arch, settings.head_layer)
     pre, pre_source = M.default_preprocess(model.arch, ckpt.args, model.full)
-    if resize is not None or crop is not None:
-        pre = M.Preprocess(resize or pre.resize, crop or pre.crop, pre.interpolation, pre.mean,
-                           pre.std)
+    if settings.resize is not None or settings.crop is not None:
+        pre = M.Preprocess(settings.resize or pre.resize, settings.crop or pre.crop,
+                           pre.interpolation, pre.mean, pre.std)
         pre_source = "the command line"
     if pre.crop > pre.resize:
-        raise DataError(f"--crop {pre.crop} is larger than --resize {pre.resize}")
+        raise DataError(f"{X.ref('crop', pre.crop)} is larger than {X.ref('resize', pre.resize)}")
     settle_heads(model, ckpt.state_dict, pre.crop)
     model.full = None
     log.info("preprocessing: resize %d, crop %d, %s (from %s)", pre.resize, pre.crop,
              pre.interpolation, pre_source)
+    return ckpt, model, pre, pre_source
 
-    by_split = {s: D.class_folders(data_root / s) for s in split_names}
+
+def resolve_order(settings: ExtractSettings, ckpt: Checkpoint, model: Model,
+                  split_names: list[str]) -> D.ClassOrder:
+    """The correct class order, audited against the folders and the checkpoint's mapping."""
+    by_split = {s: D.class_folders(settings.data_root / s) for s in split_names}
     folders = sorted({c for names in by_split.values() for c in names})
-    order = D.resolve_class_order(folders, class_order, ckpt.classes, dataset, by_split)
+    order = D.resolve_class_order(folders, settings.class_order, ckpt.classes, settings.dataset,
+                                  by_split)
     for note in order.warnings:
         log.warning("class order: %s", note)
     log.info("labels in the store follow %s (%d classes)", order.source, len(order.classes))
-    if dataset is not None and len(order.classes) != model.num_classes:
-        raise DataError(f"--dataset {dataset} has {len(order.classes)} classes but the "
-                        f"checkpoint's head {model.head_name} has {model.num_classes} outputs: "
-                        "this model was not trained on it (give its order with --class-order)")
+    if settings.dataset is not None and len(order.classes) != model.num_classes:
+        raise DataError(f"{X.ref('dataset', settings.dataset)} has {len(order.classes)} classes "
+                        f"but the checkpoint's head {model.head_layer} has {model.num_classes} "
+                        f"outputs: this model was not trained on it (give its order with "
+                        f"{X.ref('class_order')})")
     if len(order.classes) != model.num_classes:
         log.warning("the checkpoint's head has %d outputs but the class order lists %d classes",
                     model.num_classes, len(order.classes))
-    scanned = [D.store_order(D.scan_split(s, data_root / s, order.classes))
-               for s in split_names]
+    return order
 
-    out_dtype = np.dtype("float32" if float32 else "float16")
+
+def fingerprint(settings: ExtractSettings, runtime: Runtime, model: Model, pre: M.Preprocess,
+                order: D.ClassOrder, scanned: list[D.Split]) -> dict:
+    """What the features are made from: a store of other components is another store."""
     versions = package_versions()
-    components = {
+    return {
         "backbone_sha256": model.backbone_sha256,
         "arch": model.arch,
-        "head": model.head_name,
+        "head": model.head_layer,
         **({"other_heads": other} if (other := heads_record(model.heads)) else {}),
         "feature_dim": model.feature_dim,
         "preprocessing": pre.as_dict(),
-        "decoder": "pil" if decoder == "pil" else f"dali-{dali_device(dev)}",
+        "decoder": runtime.decoder_name,
         # how the crop is resized: a store resumed by another way would mix (slightly) different
         # features, so it is refused
-        "resize": "torchvision" if decoder == "pil" else "dali-crop-region",
-        "compute": {"device": dev.type, "precision": precision},
-        "dtype": out_dtype.name,
-        "chunk_rows": chunk_rows,
+        "resize": "torchvision" if runtime.decoder == "pil" else "dali-crop-region",
+        "compute": {"device": runtime.device.type, "precision": runtime.precision},
+        "dtype": "float32" if settings.float32 else "float16",
+        "chunk_rows": settings.chunk_rows,
         "row_order": D.ROW_ORDER,
         "classes_sha256": S.fingerprint_digest({"classes": order.classes}),
         "files_sha256": {s.name: S.file_list_digest(s.files, s.labels) for s in scanned},
         "versions": {k: versions[k] for k in ("torch", "torchvision", "nvidia-dali-cuda130",
                                               "pillow", "quickfix-labels")},
     }
-    create_kwargs = dict(
-        classes=order.classes,
-        splits=[S.SplitSpec(s.name, s.files, s.labels, s.stats) for s in scanned],
-        feature_dim=model.feature_dim, dtype=out_dtype.name, chunk_rows=chunk_rows,
-        record=run_record(argv, {
-            "checkpoint": str(checkpoint), "data_root": str(data_root), "arch": model.arch,
-            "class_order_source": order.source, "preprocessing_source": pre_source,
-            "batch_size": batch_size, "num_threads": num_threads, "read_workers": read_workers,
-        }),
-        extra_attrs={"checkpoint": {"path": str(checkpoint.resolve()),
-                                    "backbone_sha256": model.backbone_sha256,
-                                    "head": model.head_name, "num_classes": model.num_classes,
-                                    "classes": ckpt.classes, "layout": ckpt.layout,
-                                    "weights": ckpt.source_key, "ema": ckpt.use_ema},
-                     "class_audit": {"source": order.source, "warnings": order.warnings},
-                     "class_names": order.names},
-    )
-    return Job(scanned, components, create_kwargs, model, pre, dev, decoder, precision,
-               out_dtype, batch_size, chunk_rows, num_threads, read_workers)
 
 
-def run_extract(
-    *,
-    checkpoint: Path,
-    data_root: Path,
-    out: Path,
-    splits: Sequence[str] | None = None,
-    class_order: Path | None = None,
-    dataset: str | None = None,
-    arch: str | None = None,
-    resize: int | None = None,
-    crop: int | None = None,
-    batch_size: int = 128,
-    device: str = "auto",
-    decoder: str = "auto",
-    precision: str = "auto",
-    float32: bool = False,
-    chunk_rows: int = 1024,
-    num_threads: int | None = None,
-    read_workers: int | None = None,
-    progress_every: float = 30.0,
-    overwrite: bool = False,
-    verify: bool = False,
-    trust_checkpoint: bool = False,
-    use_ema: bool | None = None,
-    head: str | None = None,
-    rank: int = 0,
-    world_size: int = 1,
-    group: Dist.Group | None = None,
-    argv: Sequence[str] | None = None,
-) -> ExtractSummary:
-    """Extract the features of every image of `data_root`'s splits into the store `out`.
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def run_extract(settings: ExtractSettings, *, group: Dist.Group | None = None,
+                argv: Sequence[str] | None = None) -> ExtractSummary:
+    """Extract the features of every image of the data root's splits into the store.
 
     Under torchrun (`group` joined), rank 0 creates or opens the store, every rank waits for it
     on a collective, and rank 0 shares the chunks left to do among the ranks; the job's progress
-    and summary are rank 0's. Without it, `rank`/`world_size` (RANK/WORLD_SIZE set by hand) take
-    a fixed share of the chunks with no coordination, for independent jobs.
+    and summary are rank 0's. Without it, the settings' rank/world_size (RANK/WORLD_SIZE set by
+    hand) take a fixed share of the chunks with no coordination, for independent jobs.
     """
     grp = group or Dist.Group.single()
     if grp.collective:
-        rank, world_size = grp.rank, grp.world
+        settings = settings.replace(rank=grp.rank, world_size=grp.world)
     # every rank prepares; a user error on any of them stops all with one line (rank 0's)
-    job = grp.agree(lambda: _prepare(
-        checkpoint=checkpoint, data_root=data_root, out=out, splits=splits,
-        class_order=class_order, dataset=dataset, arch=arch, resize=resize, crop=crop,
-        batch_size=batch_size,
-        device=device, decoder=decoder, precision=precision, float32=float32,
-        chunk_rows=chunk_rows, num_threads=num_threads, read_workers=read_workers,
-        trust_checkpoint=trust_checkpoint, use_ema=use_ema, head=head, rank=rank,
-        world_size=world_size, argv=argv))
-    scanned, chunk_rows = job.scanned, job.chunk_rows
+    job = grp.agree(lambda: prepare(settings, argv))
     with contextlib.ExitStack() as held:
-        if grp.collective:
-            # rank 0 takes the writer lock for the job and creates, checks or repairs the store
-            # while the others wait on the collective; then every rank opens it and checks that
-            # it was made from the same inputs as its own
-            grp.agree(lambda: _open_or_create(job, out, overwrite=overwrite, verify=verify,
-                                              rank=0, held=held), only_rank0=True)
-            group = grp.agree(lambda: _open_existing(out, job.components))
-            shares = grp.share(lambda: _share_chunks(group, scanned, grp.world))
-            todo = {s.name: shares[s.name][rank] for s in scanned}
-            total = sum(_rows(part, chunk_rows, len(s.files)) for s in scanned
-                        for part in shares[s.name])
-        else:
-            group = _open_or_create(job, out, overwrite=overwrite, verify=verify, rank=rank,
-                                    held=held if world_size == 1 else None)
-            todo = {}
-            for s in scanned:
-                done = S.split_progress(group, s.name)
-                owned = S.owned_chunks(done.size, rank, world_size)
-                todo[s.name] = [c for c in owned if not done[c]]
-                if todo[s.name] and todo[s.name][0] > owned.start:
-                    log.info("%s: resuming at chunk %d", s.name, todo[s.name][0])
-            total = sum(_rows(todo[s.name], chunk_rows, len(s.files)) for s in scanned)
-        return _extract(job, group, todo, total, out, grp, progress_every)
+        store, todo, total = (_shared_work if grp.collective else _own_work)(job, grp, held)
+        return _extract(job, store, todo, total, grp)
 
 
-def _extract(job: Job, group, todo: dict[str, list[int]], total: int, out: Path,
-             grp: Dist.Group, progress_every: float) -> ExtractSummary:
-    scanned, chunk_rows = job.scanned, job.chunk_rows
-    summary = ExtractSummary(out=out, ranks=grp.world if grp.collective else 1)
+def _shared_work(job: Job, grp: Dist.Group, held: contextlib.ExitStack
+                 ) -> tuple[S.FeatureStore, dict[str, list[int]], int]:
+    """Under torchrun: rank 0 takes the writer lock for the job and creates, checks or repairs
+    the store while the others wait on the collective; then every rank opens it and checks that
+    it was made from the same inputs as its own, and takes its share of what is left."""
+    grp.agree(lambda: _open_or_create(job, rank=0, held=held), only_rank0=True)
+    store = grp.agree(lambda: _open_existing(job.out, job.components))
+    shares = grp.share(lambda: _share_chunks(store, job.scanned, grp.world))
+    todo = {s.name: shares[s.name][grp.rank] for s in job.scanned}
+    total = sum(_rows(part, job.chunk_rows, len(s.files)) for s in job.scanned
+                for part in shares[s.name])
+    return store, todo, total
+
+
+def _own_work(job: Job, grp: Dist.Group, held: contextlib.ExitStack
+              ) -> tuple[S.FeatureStore, dict[str, list[int]], int]:
+    """Alone, or one of the independent jobs of RANK/WORLD_SIZE set by hand (they take no lock:
+    they share the store on purpose): the chunks of this job's fixed share not yet done."""
+    rank, world = job.settings.rank, job.settings.world_size
+    store = _open_or_create(job, rank=rank, held=held if world == 1 else None)
+    todo = {}
+    for s in job.scanned:
+        done = store.done(s.name)
+        owned = S.owned_chunks(done.size, rank, world)
+        todo[s.name] = [c for c in owned if not done[c]]
+        if todo[s.name] and todo[s.name][0] > owned.start:
+            log.info("%s: resuming at chunk %d", s.name, todo[s.name][0])
+    total = sum(_rows(todo[s.name], job.chunk_rows, len(s.files)) for s in job.scanned)
+    return store, todo, total
+
+
+def _extract(job: Job, store: S.FeatureStore, todo: dict[str, list[int]], total: int,
+             grp: Dist.Group) -> ExtractSummary:
+    summary = ExtractSummary(out=job.out, ranks=grp.world if grp.collective else 1)
     if total == 0:
         summary.no_op = True
         return summary
-    for s in scanned:
-        summary.splits[s.name] = _rows(todo[s.name], chunk_rows, len(s.files))
+    for s in job.scanned:
+        summary.splits[s.name] = _rows(todo[s.name], job.chunk_rows, len(s.files))
     summary.images = sum(summary.splits.values())
 
     start = time.perf_counter()
-    with Progress(total, "extract", interval=progress_every, show=grp.main) as progress:
+    with Progress(total, "extract", interval=job.settings.progress_every,
+                  show=grp.main) as progress:
         if summary.images:
-            _run_rank(job, todo, group, summary, progress, grp)
+            _run_rank(job, todo, store, summary, progress, grp)
         if grp.collective:
             _gather(grp, summary, progress)
     summary.seconds = time.perf_counter() - start
@@ -436,12 +451,13 @@ def _rows(chunks: Sequence[int], chunk_rows: int, n: int) -> int:
     return sum(min(chunk_rows, n - c * chunk_rows) for c in chunks)
 
 
-def _share_chunks(group, scanned: list[D.Split], world: int) -> dict[str, list[list[int]]]:
+def _share_chunks(store: S.FeatureStore, scanned: list[D.Split], world: int
+                  ) -> dict[str, list[list[int]]]:
     """The chunks not yet done, in `world` contiguous shares of (nearly) equal size, read once
     by rank 0 before any rank writes: a rerun after a rank died splits what is left evenly."""
     shares = {}
     for s in scanned:
-        done = S.split_progress(group, s.name)
+        done = store.done(s.name)
         left = np.flatnonzero(~done)
         if left.size and left.size < done.size:
             log.info("%s: %d of %d chunks already done; %d ranks share the other %d", s.name,
@@ -449,8 +465,8 @@ def _share_chunks(group, scanned: list[D.Split], world: int) -> dict[str, list[l
         shares[s.name] = [part.tolist() for part in np.array_split(left, world)]
         if 0 < left.size < world:
             log.warning("%s: %d chunks left for %d ranks, so %d ranks have nothing to do; a "
-                        "smaller --chunk-rows (now %d) gives every rank a share", s.name,
-                        left.size, world, world - left.size, group[s.name].attrs["chunk_rows"])
+                        "smaller %s (now %d) gives every rank a share", s.name, left.size,
+                        world, world - left.size, X.ref("chunk_rows"), store.chunk_rows(s.name))
     return shares
 
 
@@ -477,46 +493,39 @@ def _gather(grp: Dist.Group, summary: ExtractSummary, progress: Progress) -> Non
     summary.images = sum(summary.splits.values())
 
 
-def _run_rank(job: Job, todo: dict[str, list[int]], group, summary: ExtractSummary,
-              progress: Progress, grp: Dist.Group) -> None:
+def _run_rank(job: Job, todo: dict[str, list[int]], store: S.FeatureStore,
+              summary: ExtractSummary, progress: Progress, grp: Dist.Group) -> None:
     """This process's chunks: decode, forward, write."""
-    scanned, chunk_rows, batch_size, pre = job.scanned, job.chunk_rows, job.batch_size, job.pre
-    dev, precision, num_threads, model = job.dev, job.precision, job.num_threads, job.model
-    plan = R.plan_batches([(i, c, len(s.files)) for i, s in enumerate(scanned)
-                           for c in todo[s.name]], chunk_rows, batch_size)
-    roots, files = [s.root for s in scanned], [s.files for s in scanned]
-    if job.decoder == "dali":
-        reader = R.DaliReader(roots, files, plan, pre, device=dali_device(dev),
-                              batch_size=batch_size, num_threads=num_threads,
-                              workers=job.read_workers,
-                              device_id=(dev.index or 0) if dev.type == "cuda" else None,
-                              half=dev.type == "cuda" and precision != "fp32")
-    else:
-        reader = R.PilReader(roots, files, plan, pre, num_threads=num_threads)
+    rt, batch_size = job.runtime, job.settings.batch_size
+    plan = R.plan_batches([(i, c, len(s.files)) for i, s in enumerate(job.scanned)
+                           for c in todo[s.name]], job.chunk_rows, batch_size)
+    reader = R.open_reader(rt.decoder, [s.root for s in job.scanned],
+                           [s.files for s in job.scanned], plan, job.pre, device=rt.device,
+                           precision=rt.precision, batch_size=batch_size,
+                           num_threads=rt.num_threads, read_workers=rt.read_workers)
     try:
         reader.start()  # before the model touches CUDA: DALI's workers are forked
-        torch.set_num_threads(num_threads)
-        model.backbone.to(dev)
-        if dev.type == "cuda":
-            model.backbone.to(memory_format=torch.channels_last)
-        engine = Engine(model, dev, precision, job.out_dtype, batch_size)
-        _run_batches(reader, engine, group, scanned, chunk_rows, job.out_dtype, summary,
-                     progress, grp)
+        torch.set_num_threads(rt.num_threads)
+        job.model.backbone.to(rt.device)
+        if rt.device.type == "cuda":
+            job.model.backbone.to(memory_format=torch.channels_last)
+        engine = Engine(job.model, rt.device, rt.precision, job.out_dtype, batch_size)
+        _run_batches(reader, engine, store, job, summary, progress, grp)
     finally:
         reader.close()
     summary.profile["recovered_batches"] = reader.recovered_batches
 
 
-def _run_batches(reader, engine: Engine, group, scanned: list[D.Split], chunk_rows: int,
-                 out_dtype: np.dtype, summary: ExtractSummary, progress: Progress,
-                 grp: Dist.Group) -> None:
+def _run_batches(reader, engine: Engine, store: S.FeatureStore, job: Job,
+                 summary: ExtractSummary, progress: Progress, grp: Dist.Group) -> None:
     """Decode (reader, in the background) -> forward (here) -> write (writer thread)."""
     autocast = engine.cuda and engine.precision != "fp32"
-    writer = S.ChunkWriter(group, [s.name for s in scanned], [s.files for s in scanned],
-                           chunk_rows=chunk_rows, feature_dim=engine.model.feature_dim,
-                           dtype=out_dtype,
-                           nonfinite_hint=f"--precision {engine.precision} computes in reduced "
-                           "precision, which can overflow: rerun with --precision fp32" if autocast
+    writer = S.ChunkWriter(store, [s.name for s in job.scanned],
+                           [s.files for s in job.scanned], chunk_rows=job.chunk_rows,
+                           feature_dim=engine.model.feature_dim, dtype=job.out_dtype,
+                           nonfinite_hint=f"{X.ref('precision', engine.precision)} computes in "
+                           "reduced precision, which can overflow: rerun with "
+                           f"{X.ref('precision', 'fp32')}" if autocast
                            else "the checkpoint's weights may hold NaN/inf, or the model "
                            "overflows on these images")
     waited = 0.0
@@ -544,76 +553,64 @@ def _run_batches(reader, engine: Engine, group, scanned: list[D.Split], chunk_ro
                            writer_busy_s=writer.busy_seconds)
 
 
-def _open_or_create(job: Job, out: Path, *, overwrite: bool, verify: bool, rank: int,
-                    held: contextlib.ExitStack | None):
+# ---------------------------------------------------------------------------------------------
+# The store of this job: made, or proven and repaired
+
+
+def _open_or_create(job: Job, *, rank: int, held: contextlib.ExitStack | None
+                    ) -> S.FeatureStore:
     """The store for this job: created, or opened and proven (and repaired) if it exists.
 
     `held` keeps the writer lock for the rest of the run (None: RANK/WORLD_SIZE set by hand,
     independent jobs that share the store on purpose, take none)."""
+    out, overwrite = job.out, job.settings.overwrite
     if held is not None:
         held.enter_context(S.WriterLock(out))
     if rank == 0 and S.is_damaged_store(out) and not overwrite:
-        if not S.restore_root(out, fingerprint=job.components, **job.create_kwargs):
+        if not S.restore_root(out, fingerprint=job.components, **job.spec):
             S.open_store(out)  # says what is wrong, and that --overwrite makes it anew
         log.warning("%s had lost its root metadata (zarr.json); its splits record these "
                     "inputs, so it was written again from them", out)
     if S.is_store(out):
-        group = S.open_store(out, mode="r+")
-        stored = group.attrs["fingerprint"]["components"]
-        if stored == job.components:
-            if rank == 0:  # by hand, the other ranks' jobs leave the checks to rank 0's
-                _prove(group, job, out, verify)
-                _update_names(group, job.create_kwargs["extra_attrs"]["class_names"], out)
-            return group
-        diffs = S.fingerprint_differences(stored, job.components)
-        if not overwrite:
-            raise StoreError(
-                f"{out} was made from other inputs (differs in: {', '.join(diffs)}); "
-                "pass --overwrite to replace it, or choose another --out"
-            )
-        log.warning("replacing %s (differs in: %s)", out, ", ".join(diffs))
+        store = S.FeatureStore.open(out, mode="r+")
+        if store.components == job.components:
+            # by hand, the other ranks' jobs leave the checks to rank 0's
+            if rank != 0 or _prove(store, job):
+                return store
+        else:
+            _replacing(out, S.fingerprint_differences(store.components, job.components),
+                       overwrite)
     elif rank != 0:
         return _wait_for_store(out, job.components)
     out.parent.mkdir(parents=True, exist_ok=True)
-    return S.create_store(out, fingerprint=job.components, **job.create_kwargs)
+    return S.FeatureStore(out, S.create_store(out, fingerprint=job.components, **job.spec))
 
 
-def _update_names(group, names: list[str] | None, out: Path) -> None:
-    """The classes' human names are not part of the store's inputs (they change no feature):
-    the store keeps those of its latest run (--dataset, a class-order file with names, or none)."""
-    if group.attrs.get("class_names") != names:
-        group.attrs["class_names"] = names
-        log.info("%s: the classes' names %s", out, "recorded" if names else "removed")
+def _replacing(out: Path, diffs: list[str], overwrite: bool) -> None:
+    if not overwrite:
+        raise StoreError(f"{out} was made from other inputs (differs in: {', '.join(diffs)}); "
+                         f"pass {X.ref('overwrite')} to replace it, or choose another "
+                         f"{X.ref('out')}")
+    log.warning("replacing %s (differs in: %s)", out, ", ".join(diffs))
 
 
-def _prove(group, job: Job, out: Path, verify: bool) -> None:
+def _prove(store: S.FeatureStore, job: Job) -> bool:
     """An existing store of these inputs: every chunk marked done must be there (by listing; by
     reading with --verify), and while chunks are still to do, no file under a done chunk may
-    have changed (the store would mix old and new features). Damaged chunks are made to-do
-    again, so this run recomputes them."""
-    if verify:
-        rows = sum(len(s.files) for s in job.scanned)
-        with Progress(rows, "verify", interval=30.0) as bar:
-            damage = S.verify_store(group, bar)
-    else:
-        damage = S.check_store(group)
+    have changed (the store would mix old and new features: refused, or with --overwrite made
+    anew, when this returns False). Damaged chunks are made to-do again, so this run recomputes
+    them. The classes' human names are those of this run."""
+    damage = _damage(store, job)
     refresh = S.Damage()  # chunks still to do whose files changed: their record is rewritten
-    changed = {s.name: _changed_files(group, s, damage, refresh) for s in job.scanned
+    changed = {s.name: _changed_files(store, s, damage, refresh) for s in job.scanned
                if s.name not in damage.splits}
-    pending = bool(damage) or any(not S.split_progress(group, s.name).all()
+    pending = bool(damage) or any(not store.done(s.name).all()
                                   for s in job.scanned if s.name not in damage.splits)
     for split, (count, examples) in changed.items():
-        if not count:
-            continue
-        what = (f"{split}: {count} file(s) changed since {out} was started "
-                f"({'; '.join(examples)}{'; ...' if count > len(examples) else ''})")
-        if pending:
-            raise StoreError(f"{what}; finishing the store would mix features of the old and "
-                             "the new files: pass --overwrite to start it again")
-        log.warning("%s; the store holds the features of the files as they were: pass "
-                    "--overwrite to extract them again", what)
+        if count and not _changes_allowed(split, count, examples, job, pending):
+            return False
     if damage:
-        log.warning("%s is damaged (%s): repairing; those chunks are recomputed", out,
+        log.warning("%s is damaged (%s): repairing; those chunks are recomputed", job.out,
                     damage.describe())
     for split, bad in refresh.chunks.items():
         log.info("%s: files changed under %d chunk(s) not yet done; they are extracted as they "
@@ -621,22 +618,54 @@ def _prove(group, job: Job, out: Path, verify: bool) -> None:
         for c, why in bad.items():
             damage.add(split, c, why)
     if damage:
-        S.repair(group, damage, job.create_kwargs["splits"], feature_dim=job.model.feature_dim,
-                 dtype=job.out_dtype.name, chunk_rows=job.chunk_rows)
-    elif verify:
-        log.info("verify: every chunk of %s reads back and passes its checksum", out)
+        store.repair(damage, job.spec["splits"], feature_dim=job.model.feature_dim,
+                     dtype=job.out_dtype.name, chunk_rows=job.chunk_rows)
+    elif job.settings.verify:
+        log.info("verify: every chunk of %s reads back and passes its checksum", job.out)
+    if store.set_class_names(job.spec["extra_attrs"]["class_names"]):
+        # not part of the store's inputs (they change no feature): those of the latest run
+        log.info("%s: the classes' names %s", job.out,
+                 "recorded" if store.class_names else "removed")
+    return True
 
 
-def _changed_files(group, split: D.Split, damage: S.Damage, refresh: S.Damage
-                   ) -> tuple[int, list[str]]:
+def _damage(store: S.FeatureStore, job: Job) -> S.Damage:
+    """What is wrong with the store: by listing (every run), or by reading every chunk."""
+    if not job.settings.verify:
+        return store.check()
+    rows = sum(len(s.files) for s in job.scanned)
+    with Progress(rows, "verify", interval=30.0) as bar:
+        return store.verify(bar)
+
+
+def _changes_allowed(split: str, count: int, examples: list[str], job: Job,
+                     pending: bool) -> bool:
+    """Files changed under chunks already done: with --overwrite the store is made anew
+    (False); else a warning on a finished store (it keeps the features of the files as they
+    were), and refused while chunks are still to do (it would mix old and new features)."""
+    what = (f"{split}: {count} file(s) changed since {job.out} was started "
+            f"({'; '.join(examples)}{'; ...' if count > len(examples) else ''})")
+    if job.settings.overwrite:
+        log.warning("%s; making the store anew (%s)", what, X.ref("overwrite"))
+        return False
+    if pending:
+        raise StoreError(f"{what}; finishing the store would mix features of the old and the "
+                         f"new files: pass {X.ref('overwrite')} to start it again")
+    log.warning("%s; the store holds the features of the files as they were: pass %s to "
+                "extract them again", what, X.ref("overwrite"))
+    return True
+
+
+def _changed_files(store: S.FeatureStore, split: D.Split, damage: S.Damage,
+                   refresh: S.Damage) -> tuple[int, list[str]]:
     """How many files under chunks already done differ in size or modification time from the
     store's record of them, and the first three, described. A file that changed under a chunk
     still to do only needs its record rewritten (noted in `refresh`); a record that cannot be
     read is damage."""
-    stored = S.read_noting(group, split.name, "stat", damage)
+    stored = store.read_noting(split.name, "stat", damage)
     differ = (stored != split.stats).any(axis=1)
-    rows = int(group[split.name].attrs["chunk_rows"])
-    done = S.split_progress(group, split.name)
+    rows = store.chunk_rows(split.name)
+    done = store.done(split.name)
     for c in np.flatnonzero(~done):
         if differ[c * rows:(c + 1) * rows].any():
             refresh.add(split.name, int(c), "a file changed before the chunk was done")
@@ -651,7 +680,7 @@ def _changed_files(group, split: D.Split, damage: S.Damage, refresh: S.Damage
     return int(differ.size), examples
 
 
-def _wait_for_store(out: Path, components: dict, timeout: float = 600.0):
+def _wait_for_store(out: Path, components: dict, timeout: float = 600.0) -> S.FeatureStore:
     """Without torchrun, ranks other than 0 (independent jobs) wait for rank 0 to create the
     store, then check it is the same."""
     deadline = time.monotonic() + timeout
@@ -662,8 +691,8 @@ def _wait_for_store(out: Path, components: dict, timeout: float = 600.0):
     return _open_existing(out, components)
 
 
-def _open_existing(out: Path, components: dict):
-    group = S.open_store(out, mode="r+")
-    if group.attrs["fingerprint"]["components"] != components:
+def _open_existing(out: Path, components: dict) -> S.FeatureStore:
+    store = S.FeatureStore.open(out, mode="r+")
+    if store.components != components:
         raise StoreError(f"{out} was created from other inputs than this rank's")
-    return group
+    return store

@@ -20,7 +20,7 @@ from typing import BinaryIO
 
 import torch
 
-from .errors import DataError, QuickFixError
+from .errors import DataError, QuickFixError, first_line, ref
 
 
 class WriteError(QuickFixError):
@@ -84,7 +84,7 @@ _WRITE_ADVICE = {
 def _write_failure(path: Path, exc: BaseException, what: str) -> WriteError:
     cause = _os_error(exc)
     if cause is None:
-        return WriteError(f"cannot write {path}: {_first_line(exc)}{what}")
+        return WriteError(f"cannot write {path}: {first_line(exc)}{what}")
     return WriteError(f"cannot write {path}: {explain(cause, path.parent)}{what}")
 
 
@@ -112,10 +112,6 @@ def _os_error(exc: BaseException | None) -> OSError | None:
             return OSError(number, os.strerror(number))
         exc = exc.__cause__ or exc.__context__
     return None
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
 def fsync_dir(folder: Path) -> None:
@@ -153,10 +149,10 @@ def resolve_device(name: str) -> torch.device:
     if name == "cpu":
         return torch.device("cpu")
     if name != "cuda":
-        raise DataError(f"--device {name}: expected auto, cpu or cuda")
+        raise DataError(f"{ref('device', name)}: expected auto, cpu or cuda")
     if not torch.cuda.is_available():
-        raise DataError("--device cuda was given but no CUDA device is available; "
-                        "use --device cpu")
+        raise DataError(f"{ref('device', 'cuda')} was given but no CUDA device is available; "
+                        f"use {ref('device', 'cpu')}")
     local = os.environ.get("LOCAL_RANK", "0")
     index = int(local) if local.isdigit() else 0
     count = torch.cuda.device_count()

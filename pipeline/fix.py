@@ -19,34 +19,39 @@ import argparse
 import contextlib
 import hashlib
 import json
-import logging
 import os
 from pathlib import Path
 
 from . import data as D
 from . import dist
 from . import store as S
-from .cli import log, run_main, script_parser
-from .commands import (
-    add_extract_flags,
-    add_stitch_flags,
-    add_train_flags,
-    extract_kwargs,
-    run_stitch,
-    train_backend,
-    train_kwargs,
-)
+from .cli import Command, in_job, log, train_backend
 from .errors import DataError, QuickFixError, StoreError
 from .files import atomic_write
+from .settings import ExtractSettings, StitchSettings, TrainSettings
 
 STATE = ".quickfix-labels.json"
 STAGES = ("extract", "train", "stitch")
 TITLES = {"extract": "stage 1 (extract_features)", "train": "stage 2 (train_head)",
           "stitch": "stage 3 (stitch_checkpoint)"}
+# The stages' settings this command sets itself (Plan): the paths, from its own flags above,
+# and replacing its own store and fixed checkpoint.
+SET_HERE = {"extract": ("checkpoint", "data_root", "out", "overwrite"),
+            "train": ("features", "out", "checkpoint"),
+            "stitch": ("checkpoint", "head_file", "out", "overwrite", "verify_data")}
+# What the stages' messages call what this command names otherwise, or sets itself.
+NAMES = {"cmd.extract": "quickfix-labels", "cmd.train": "quickfix-labels",
+         "cmd.stitch": "quickfix-labels",
+         **{f"{stage}.checkpoint": "--resume" for stage in STAGES},
+         "extract.data_root": "--data-root", "extract.out": "--features",
+         "train.features": "--features", "train.out": "--checkpoint-dir",
+         "stitch.head_file": "--checkpoint-dir", "stitch.out": "--checkpoint-dir",
+         "stitch.verify_data": "--verify-data"}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = script_parser(__doc__)
+def build_command() -> Command:
+    cmd = Command(__doc__, NAMES, prog="quickfix-labels")
+    parser = cmd.parser
     parser.add_argument("--resume", "--checkpoint", dest="checkpoint", type=Path, required=True,
                         help="the trained model whose classes are in the wrong order (read only)")
     parser.add_argument("--data-root", type=Path, required=True,
@@ -58,8 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick-fix-labels", action="store_true",
                         help="accepted, for the quick-fix mode's command line: it is what this "
                         "command does")
-    parser.add_argument("--fix-epochs", dest="epochs", type=int, default=5,
-                        help="passes of the head over the cached features")
     parser.add_argument("--features", type=Path,
                         help="the feature store (default: CHECKPOINT_DIR/features.zarr)")
     parser.add_argument("--verify-data", action=argparse.BooleanOptionalAction, default=True,
@@ -68,24 +71,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true",
                         help="run every stage even if nothing changed (stage 1 then checks "
                         "its store and resumes or keeps it, as a rerun does)")
-    add_extract_flags(parser, batch_flag="--extract-batch-size")
-    add_train_flags(parser)
-    add_stitch_flags(parser)
-    return parser
+    # the stages' own flags, but what this command sets itself; --batch-size is the head's
+    cmd.add(ExtractSettings, skip=SET_HERE["extract"],
+            rename={"batch_size": ("--extract-batch-size",)})
+    cmd.add(TrainSettings, skip=SET_HERE["train"], rename={"epochs": ("--fix-epochs",)})
+    cmd.add(StitchSettings, skip=SET_HERE["stitch"])
+    return cmd
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return build_command().parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_main(lambda args: fix(args, argv), build_parser(), argv)
+    return build_command().main(lambda args: fix(args, argv), argv)
 
 
 class Plan:
-    """Where everything goes, and whether each stage's last run still stands.
+    """Where everything goes, each stage's settings, and whether each stage's last run still
+    stands.
 
-    A stage's key is its settings and the identity of what it reads: stage 1 the checkpoint,
-    the class-order file and the image folders; stage 2 the checkpoint and the store (its
-    fingerprint and creation time); stage 3 the checkpoint and the head file. A stage reruns
-    when its key changed or its output is missing or changed; keys are computed when the stage
-    is reached, so a stage 1 that found nothing to do leaves stages 2 and 3 standing."""
+    A stage's key is its settings that change what it makes and the identity of what it reads:
+    stage 1 the checkpoint, the class-order file and the image folders; stage 2 the checkpoint
+    and the store (its fingerprint and creation time); stage 3 the checkpoint and the head
+    file. A stage reruns when its key changed or its output is missing or changed; keys are
+    computed when the stage is reached, so a stage 1 that found nothing to do leaves stages 2
+    and 3 standing. Every setting of every stage is checked when the plan is made, before any
+    stage runs (a bad --lr found after hours of stage 1 is no use)."""
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -95,27 +107,33 @@ class Plan:
         self.head = self.dir / "head.pt"
         self.out = self.dir / args.checkpoint.name
         self.state_path = self.dir / STATE
-        _check(args, self)
-        self.splits = D.find_splits(args.data_root, args.splits)
+        _check_paths(args, self)
+        # RANK/WORLD_SIZE set by hand (not torchrun) do not apply: this command does the whole
+        # job; the store is its own, replaced when made from other inputs
+        self.extract = ExtractSettings.from_args(
+            args, checkpoint=args.checkpoint, data_root=args.data_root, out=self.store,
+            overwrite=True)
+        self.train = TrainSettings.from_args(args, features=self.store, out=self.head,
+                                             checkpoint=args.checkpoint)
+        self.splits = D.find_splits(args.data_root, self.extract.splits)
         val = [s for s in ("val", "validation") if s in self.splits]
         self.verify_data = args.data_root / val[0] if val and args.verify_data else None
+        self.stitch = StitchSettings.from_args(args, checkpoint=args.checkpoint,
+                                               head_file=self.head, out=self.out,
+                                               overwrite=True, verify_data=self.verify_data)
 
     def key(self, stage: str) -> dict:
         args = self.args
         if stage == "extract":
-            return _jsonable({"settings": _settings(extract_kwargs(args), stage),
+            return _jsonable({"settings": self.extract.output_key(),
                               "checkpoint": _identity(args.checkpoint),
-                              "class_order": _identity(args.class_order),
-                              "data": _folders_digest(args.data_root, self.splits),
-                              "store": str(self.store.resolve())})
+                              "class_order": _identity(self.extract.class_order),
+                              "data": _folders_digest(args.data_root, self.splits)})
         if stage == "train":
-            return _jsonable({"settings": _settings(train_kwargs(args), stage),
+            return _jsonable({"settings": self.train.output_key(),
                               "checkpoint": _identity(args.checkpoint),
-                              "store": [str(self.store.resolve()), _store_identity(self.store)]})
-        return _jsonable({"settings": _settings({"aux_heads": args.aux_heads,
-                                                 "verify_data": self.verify_data,
-                                                 "verify_batch_size": args.verify_batch_size,
-                                                 "device": args.device}, stage),
+                              "store": _store_identity(self.store)})
+        return _jsonable({"settings": self.stitch.output_key(),
                           "checkpoint": _identity(args.checkpoint),
                           "head": _identity(self.head)})
 
@@ -128,8 +146,7 @@ class Plan:
 
     def stale(self, stage: str, key: dict | None = None) -> bool:
         """Whether `stage` must run; `key`: its key, when already computed."""
-        args = self.args
-        if args.force or (stage == "extract" and args.verify):
+        if self.args.force or (stage == "extract" and self.extract.verify):
             return True
         record = self.load_state().get(stage)
         key = key if key is not None else self.key(stage)
@@ -156,11 +173,8 @@ class Plan:
         atomic_write(self.state_path, lambda f: f.write(data))
 
 
-def _check(args: argparse.Namespace, plan: Plan) -> None:
-    """Every flag and path checked before any stage runs (a bad --lr found after hours of
-    stage 1 is no use), in this command's own flag names."""
-    from .train import validate
-
+def _check_paths(args: argparse.Namespace, plan: Plan) -> None:
+    """The command's own paths, checked before any stage runs."""
     if not args.checkpoint.is_file():
         what = "a directory, not a file" if args.checkpoint.is_dir() else "no such file"
         raise DataError(f"--resume {args.checkpoint}: {what}")
@@ -173,39 +187,22 @@ def _check(args: argparse.Namespace, plan: Plan) -> None:
     if plan.out.resolve() == args.checkpoint.resolve():
         raise DataError(f"--checkpoint-dir {plan.dir} is the input's own folder: the fixed "
                         f"checkpoint would replace {args.checkpoint}; give another folder")
-    if args.epochs < 0:
-        raise DataError(f"--fix-epochs {args.epochs}: must be 0 or more")
-    for flag, value in (("--extract-batch-size", args.extract_batch_size),
-                        ("--chunk-rows", args.chunk_rows),
-                        ("--verify-batch-size", args.verify_batch_size)):
-        if value < 1:
-            raise DataError(f"{flag} {value}: must be at least 1")
-    kw = train_kwargs(args)
-    validate(**{k: v for k, v in kw.items() if k not in ("stream_from_store", "stream_buffer_mb",
-                                                         "trust_checkpoint")},
-             from_store=kw["stream_from_store"], buffer_mb=kw["stream_buffer_mb"])
 
 
 def fix(args: argparse.Namespace, argv: list[str] | None) -> int:
     from .extract import run_extract
+    from .stitch import run_stitch
     from .train import run_train
 
-    grp = dist.join(train_backend(args.device))  # one process group for the whole job
-    if not grp.main:
-        log.setLevel(max(log.level, logging.WARNING))  # one voice: rank 0's
-    # RANK/WORLD_SIZE set by hand (not torchrun) do not apply: this command does the whole job
-    whole = {"rank": 0, "world_size": 1}
-    try:
+    def job(grp: dist.Group) -> Path:
         with contextlib.ExitStack() as held:
             plan = grp.share(lambda: _plan(args, held))
 
-            def extract(verify: bool = args.verify):
-                return run_extract(**{**extract_kwargs(args), **whole, "verify": verify},
-                                   out=plan.store, overwrite=True, group=grp, argv=argv)
+            def extract(verify: bool = plan.extract.verify):
+                return run_extract(plan.extract.replace(verify=verify), group=grp, argv=argv)
 
             def train():
-                return run_train(features=plan.store, out=plan.head, **train_kwargs(args),
-                                 group=grp, argv=argv)
+                return run_train(plan.train, group=grp, argv=argv)
 
             _stage(grp, plan, "extract", extract)
             try:
@@ -217,14 +214,15 @@ def fix(args: argparse.Namespace, argv: list[str] | None) -> int:
                 # (--verify reads every chunk), then stage 2 runs again, once
                 if grp.main:
                     log.warning("stage 2 found the store damaged (%s): repairing it with stage "
-                                "1 --verify, then training again", exc)
+                                "1 --verify, then training again", exc.raw)
                 _run(grp, plan, "extract", lambda: extract(verify=True))
                 _run(grp, plan, "train", train)
-            _stage(grp, plan, "stitch", lambda: _stitch(args, plan), only_rank0=True)
-    finally:
-        dist.leave()
+            _stage(grp, plan, "stitch", lambda: _stitch(run_stitch, plan), only_rank0=True)
+        return plan.out
+
+    grp, out = in_job(train_backend(args.device), job)  # one process group for the whole job
     if grp.main:
-        print(f"fixed checkpoint: {plan.out}", flush=True)
+        print(f"fixed checkpoint: {out}", flush=True)
     return 0
 
 
@@ -265,12 +263,11 @@ def _run(grp: dist.Group, plan: Plan, stage: str, fn, key: dict | None = None, *
     grp.agree(lambda: plan.record(stage, key), only_rank0=True)
 
 
-def _stitch(args: argparse.Namespace, plan: Plan) -> None:
-    if plan.verify_data is None and args.verify_data:
+def _stitch(run_stitch, plan: Plan) -> None:
+    if plan.verify_data is None and plan.args.verify_data:
         log.info("no val/ split under %s: the fixed model is not checked end to end",
-                 args.data_root)
-    run_stitch(args, checkpoint=plan.checkpoint, head=plan.head, out=plan.out, overwrite=True,
-               verify_data=plan.verify_data)
+                 plan.args.data_root)
+    run_stitch(plan.stitch)
 
 
 # --- what a stage's inputs are ---------------------------------------------------------------
@@ -309,27 +306,14 @@ def _store_identity(store: Path) -> list | None:
     """A finished store with every chunk file there (by listing), as its fingerprint digest and
     creation time (a store made anew, even from the same inputs, is another); else None."""
     try:
-        group = S.open_store(store)
-        if S.check_store(group):
+        features = S.FeatureStore.open(store)
+        if features.check():
             return None
-        for split in group.attrs["splits"]:
-            S.verify_complete(group, split)
-        return [group.attrs["fingerprint"]["digest"], group.attrs["record"]["created_utc"]]
+        for split in features.splits:
+            features.complete(split)
+        return [features.digest, features.created_utc]
     except Exception:  # noqa: BLE001 - any doubt about the store: it is not there
         return None
-
-
-# what changes how a stage runs but not what it makes (--verify makes stage 1 run, with it)
-_COSMETIC = {
-    "extract": ("progress_every", "trust_checkpoint", "verify", "rank", "world_size",
-                "batch_size", "num_threads", "read_workers"),
-    "train": ("trust_checkpoint", "stream"),  # resident or streamed: the same batches
-}
-
-
-def _settings(kwargs: dict, stage: str) -> dict:
-    return {k: (str(v.resolve()) if isinstance(v, Path) else v)
-            for k, v in sorted(kwargs.items()) if k not in _COSMETIC.get(stage, ())}
 
 
 def _jsonable(value):

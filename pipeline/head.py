@@ -12,14 +12,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from .dist import all_sum
-from .errors import DataError
 
 log = logging.getLogger("quickfix")
 
@@ -32,7 +32,11 @@ class Features:
     y: torch.Tensor  # [N] int64
 
     def __len__(self) -> int:
-        return int(self.y.shape[0])
+        return int(self.x.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.x.shape[1])
 
     def blocks(self, size: int = 4096):
         """(x, y) slices of `size` rows, in order (a store-backed source yields its chunks)."""
@@ -51,14 +55,16 @@ class Shard:
 
 @dataclass
 class TrainConfig:
+    """The trainer's knobs (the user's defaults are pipeline.settings.TrainSettings')."""
+
     lrs: list[float]
     wds: list[float]
-    epochs: int = 5
-    batch_size: int = 256
-    momentum: float = 0.9
+    epochs: int
+    batch_size: int
+    warmup_epochs: float
     label_smoothing: float = 0.0
-    warmup_epochs: float = 1.0
     seed: int = 0
+    momentum: float = 0.9
     standardize: bool = True
 
     def grid(self) -> list[tuple[float, float]]:
@@ -221,6 +227,27 @@ class HeadState:
         return fold(self.weight, self.bias, self.mu, self.scale)
 
 
+class BatchSource(Protocol):
+    """Where an epoch's batches come from, one interface for every way the rows are held:
+    resident on the device or streamed from host memory (`Batches`), this rank's share under
+    torchrun (`ShardBatches`), read from the store out of core (`streaming.WindowBatches`).
+
+    `epoch(perm, side)` yields (x [B, D], y [B], mask [B]) on the device, the last batch padded
+    (mask 0), or with a fourth item, the batch's real rows over every rank (`sharded`). `perm`
+    is the epoch's order of the `rows` rows, drawn on the device by the trainer, or None for a
+    source that draws its own (`own_order`). A source whose pass also reads the rows of an
+    evaluation split (`side_name`, the holdout out of core) hands them to `side(x, y)`."""
+
+    steps: int
+    rows: int
+    own_order: bool
+    sharded: bool
+    side_name: str | None
+
+    def epoch(self, perm: torch.Tensor | None, side: Callable | None = None) -> Iterator[tuple]:
+        ...
+
+
 class Batches:
     """The padded, masked batches of one epoch: (x [B, D], y [B], mask [B]) on the device.
 
@@ -230,10 +257,12 @@ class Batches:
     waits for a copy to finish before it reuses that copy's pinned buffer.
     """
 
+    own_order, sharded, side_name = False, False, None
+
     def __init__(self, train: Features, batch_size: int, device: torch.device,
                  stream: bool | None = None, slots: int = 3):
         self.train, self.batch_size, self.device = train, batch_size, device
-        n = len(train)
+        n = self.rows = len(train)
         self.steps = -(-n // batch_size)
         pad = self.steps * batch_size - n
         self.mask = torch.cat([torch.ones(n, device=device), torch.zeros(pad, device=device)]
@@ -242,7 +271,7 @@ class Batches:
         self.streamed = train.x.device != device if stream is None else stream
         self.cuda = device.type == "cuda"
         if self.streamed:
-            d, pin = train.x.shape[1], self.cuda
+            d, pin = train.dim, self.cuda
             self.host = [(torch.empty(batch_size, d, dtype=train.x.dtype, pin_memory=pin),
                           torch.empty(batch_size, dtype=torch.long, pin_memory=pin))
                          for _ in range(slots)]
@@ -254,7 +283,7 @@ class Batches:
                 self.copied = [torch.cuda.Event() for _ in range(slots)]
                 self.consumed = [torch.cuda.Event() for _ in range(slots)]
 
-    def epoch(self, perm: torch.Tensor):
+    def epoch(self, perm: torch.Tensor, side: Callable | None = None):
         """Yield the epoch's batches in the order of `perm` (a permutation on the device)."""
         perm = torch.cat([perm, perm.new_zeros(self.pad)]).reshape(self.steps, self.batch_size)
         if not self.streamed:
@@ -263,7 +292,9 @@ class Batches:
                 yield self.train.x.index_select(0, idx), self.train.y.index_select(0, idx), \
                     self.mask[k]
             return
-        perm = perm.cpu()  # one host sync per epoch
+        yield from self._streamed(perm.cpu())  # one host sync per epoch
+
+    def _streamed(self, perm: torch.Tensor):
         slots = len(self.host)
         for k in range(self.steps):
             s = k % slots
@@ -298,13 +329,16 @@ class ShardBatches:
     (its real rows, on the device) normalises the gradients that the ranks then sum.
     """
 
+    own_order, sharded, side_name = False, True, None
+
     def __init__(self, train: Features, batch_size: int, device: torch.device, shard: Shard):
         self.train, self.batch_size, self.device, self.shard = train, batch_size, device, shard
+        self.rows = shard.total
         self.steps = -(-shard.total // batch_size)
         self.pad = self.steps * batch_size - shard.total
         self.streamed = train.x.device != device
 
-    def epoch(self, perm: torch.Tensor):
+    def epoch(self, perm: torch.Tensor, side: Callable | None = None):
         lo, hi = self.shard.lo, self.shard.hi
         rows = torch.cat([perm, perm.new_full((self.pad,), -1)]).reshape(self.steps,
                                                                          self.batch_size)
@@ -330,83 +364,97 @@ def train_heads(
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
     evals: dict[str, Features] | None = None,
     on_epoch: Callable[[int, list[dict]], None] | None = None,
-    stream: bool | None = None,
-    batches=None,
-    shard: Shard | None = None,
+    batches: BatchSource | None = None,
 ) -> TrainResult:
     """Train every (lr, wd) point of `config.grid()` together; returns the stacked heads.
 
-    `train.x` may live on the device (resident) or on the host (streamed batch by batch; the
-    default when it is not on `device`): the batches, and so the result, are the same. `batches`
-    replaces that batch source (the out-of-core one); `shard` says that `train` is this rank's
-    share of the rows under torchrun.
+    `batches`: where the batches come from (default: `train` resident when it lives on
+    `device`, else streamed from the host; the batches, and so the result, are the same);
+    `train` (or its store-backed stand-in) also gives the feature statistics. The permutation is
+    drawn on the training device, so resident and streamed runs see identical batches.
     """
-    grid = config.grid()
-    d = train.dim if hasattr(train, "dim") else train.x.shape[1]
+    batches = batches or Batches(train, config.batch_size, device)
     mu, scale = feature_stats(train, device) if config.standardize else (
-        torch.zeros(d, device=device), torch.ones(d, device=device))
-    if batches is None:
-        batches = ShardBatches(train, config.batch_size, device, shard) if shard else \
-            Batches(train, config.batch_size, device, stream)
-    state = HeadState(config, num_classes=num_classes, dim=d, mu=mu, scale=scale,
+        torch.zeros(train.dim, device=device), torch.ones(train.dim, device=device))
+    state = HeadState(config, num_classes=num_classes, dim=train.dim, mu=mu, scale=scale,
                       steps=batches.steps * config.epochs, device=device, init=init,
-                      sharded=shard is not None)
-    # The permutation is drawn on the training device in both modes, so resident and streamed
-    # runs see identical batches (an out-of-core source draws its own order, chunk by chunk).
+                      sharded=batches.sharded)
     gen = torch.Generator(device=device).manual_seed(config.seed)
     result = TrainResult(state.weight, state.bias)
-    n = shard.total if shard else len(train)
-    own_order = not isinstance(batches, Batches | ShardBatches)
-    # An out-of-core source reads the holdout's chunks in its pass anyway: it scores them there,
-    # with the head as the pass starts (the last epoch's), so the store is read once per epoch;
-    # an epoch's records are complete one pass later (the last one by a pass of its own).
-    side = getattr(batches, "side_name", None)
-    pending: list[dict] | None = None
-
-    def finish(records: list[dict], scores: Scores | None) -> None:
-        if scores is not None:
-            for rec, m in zip(records, scores.result(), strict=True):
-                rec.update({f"{side}_{k}": v for k, v in m.items()})
-        result.history.extend(records)
-        if on_epoch is not None:
-            on_epoch(records[0]["epoch"], records)
-
+    records = _Records(config.grid(), evals or {}, batches.side_name, result, on_epoch, device)
     start = time.perf_counter()
     for epoch in range(config.epochs):
         t0 = time.perf_counter()
         state.running.zero_()
-        perm = None if own_order else torch.randperm(n, generator=gen, device=device)
-        scores = Scores(*state.raw(), device) if pending is not None else None
-        for batch in batches.epoch(perm, scores.add if scores else None) if side else \
-                batches.epoch(perm):
+        perm = None if batches.own_order else torch.randperm(batches.rows, generator=gen,
+                                                              device=device)
+        side = records.side_scores(state)
+        for batch in batches.epoch(perm, side.add if side else None):
             state.step(*batch)
-        if shard:
+        if batches.sharded:
             all_sum(state.running)
-        if pending is not None:
-            finish(pending, scores)
-        losses = (state.running / n).tolist()  # the epoch's one read of the training metrics
-        records = [{"epoch": epoch + 1, "lr": lr, "weight_decay": wd, "train_loss": loss}
-                   for (lr, wd), loss in zip(grid, losses, strict=True)]
-        raw_w, raw_b = state.raw()
-        for name, feats in (evals or {}).items():
-            if name == side:
-                continue
-            for rec, m in zip(records, evaluate(feats, raw_w, raw_b, device=device), strict=True):
-                rec.update({f"{name}_{k}": v for k, v in m.items()})
-        if side:
-            pending = records
-        else:
-            finish(records, None)
+        # the epoch's one read of the training metrics
+        records.epoch(epoch + 1, state, (state.running / batches.rows).tolist(), side)
         result.epoch_seconds.append(time.perf_counter() - t0)
-    if pending is not None:  # the last epoch's holdout: a pass of its own
-        scores = Scores(*state.raw(), device)
-        for x, y in evals[side].blocks():
-            scores.add(x, y)
-        finish(pending, scores)
+    records.close(state)
     result.seconds = time.perf_counter() - start
     raw_w, raw_b = state.raw()
     result.weight, result.bias = raw_w.cpu(), raw_b.cpu()
     return result
+
+
+class _Records:
+    """Each epoch's record per grid point: its train loss and its scores on each evaluated
+    split. A split that the batch source reads in its pass anyway (`side`: the holdout, out of
+    core) is scored there, with the head as the next pass starts (the epoch's last), so the
+    store is read once per epoch; an epoch's records are complete one pass later, the last
+    epoch's by a pass of their own."""
+
+    def __init__(self, grid: list[tuple[float, float]], evals: dict, side: str | None,
+                 result: TrainResult, on_epoch: Callable | None, device: torch.device):
+        self.grid, self.evals, self.side, self.device = grid, evals, side, device
+        self.result, self.on_epoch = result, on_epoch
+        self.pending: list[dict] | None = None
+
+    def side_scores(self, state: HeadState) -> Scores | None:
+        """What scores the side split in the coming pass (when a record waits for it)."""
+        return Scores(*state.raw(), self.device) if self.pending is not None else None
+
+    def epoch(self, epoch: int, state: HeadState, losses: list[float],
+              side: Scores | None) -> None:
+        if self.pending is not None:
+            self._finish(self.pending, side)
+        records = [{"epoch": epoch, "lr": lr, "weight_decay": wd, "train_loss": loss}
+                   for (lr, wd), loss in zip(self.grid, losses, strict=True)]
+        raw_w, raw_b = state.raw()
+        for name, feats in self.evals.items():
+            if name == self.side:
+                continue
+            for rec, m in zip(records, evaluate(feats, raw_w, raw_b, device=self.device),
+                              strict=True):
+                rec.update({f"{name}_{k}": v for k, v in m.items()})
+        if self.side:
+            self.pending = records
+        else:
+            self._finish(records, None)
+
+    def close(self, state: HeadState) -> None:
+        """The last epoch's side split: a pass of its own."""
+        if self.pending is None:
+            return
+        scores = Scores(*state.raw(), self.device)
+        for x, y in self.evals[self.side].blocks():
+            scores.add(x, y)
+        self._finish(self.pending, scores)
+        self.pending = None
+
+    def _finish(self, records: list[dict], scores: Scores | None) -> None:
+        if scores is not None:
+            for rec, m in zip(records, scores.result(), strict=True):
+                rec.update({f"{self.side}_{k}": v for k, v in m.items()})
+        self.result.history.extend(records)
+        if self.on_epoch is not None:
+            self.on_epoch(records[0]["epoch"], records)
 
 
 @torch.no_grad()
@@ -420,14 +468,11 @@ def feature_stats(x: torch.Tensor, device: torch.device, batch: int = 8192,
 
     `x`: a [N, D] tensor, or Features / a store-backed source (its blocks are read in turn);
     under torchrun, the statistics of every rank's rows together."""
-    if isinstance(x, torch.Tensor):
-        d, blocks = x.shape[1], (x[lo:lo + batch] for lo in range(0, x.shape[0], batch))
-    else:
-        d = x.dim if hasattr(x, "dim") else x.x.shape[1]
-        blocks = (part for part, _ in x.blocks(batch))
+    rows = Features(x, x.new_empty(0, dtype=torch.long)) if isinstance(x, torch.Tensor) else x
+    d = rows.dim
     sums = torch.zeros(2 * d + 1, dtype=torch.float64, device=device)
     total, sq = sums[:d], sums[d:2 * d]
-    for part in blocks:
+    for part, _ in rows.blocks(batch):
         part = part.to(device).double()
         total += part.sum(0)
         sq += (part * part).sum(0)
@@ -499,20 +544,6 @@ def diagnose(feats: Features, weight: torch.Tensor, bias: torch.Tensor, *,
     moved = int((mapping != np.arange(c))[present].sum())
     return Diagnosis(before, after, moved, clean, mapping.tolist(),
                      is_permutation=clean >= min_clean)
-
-
-def parse_grid(text: str, name: str, *, allow_zero: bool) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError as exc:
-        raise DataError(f"--{name} {text!r}: expected numbers separated by commas") from exc
-    if not values:
-        raise DataError(f"--{name} is empty: give at least one value")
-    bad = [v for v in values if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero)]
-    if bad:
-        need = "non-negative" if allow_zero else "positive"
-        raise DataError(f"--{name}: {bad[0]} is not a valid value; every value must be {need}")
-    return values
 
 
 def holdout_split(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:

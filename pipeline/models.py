@@ -30,7 +30,9 @@ import torch
 import torchvision
 from torch import nn
 
-from .errors import ArchitectureError
+from .errors import ArchitectureError, ref
+
+ARCH, HEAD = ref("extract.arch"), ref("extract.head_layer")
 
 log = logging.getLogger("quickfix")
 
@@ -120,7 +122,7 @@ def _build_timm(name: str, num_classes: int) -> nn.Module:
     if not timm.is_model(name):
         close = timm.list_models(f"{name.split('_')[0]}*")[:6]
         hint = f" (close: {', '.join(close)})" if close else ""
-        raise ArchitectureError(f"timm has no model {name!r}{hint}; pass --arch timm:NAME")
+        raise ArchitectureError(f"timm has no model {name!r}{hint}; pass {ARCH} timm:NAME")
     return timm.create_model(name, pretrained=False, num_classes=num_classes)
 
 
@@ -133,17 +135,18 @@ def _build_custom(spec: str, num_classes: int) -> nn.Module:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ArchitectureError(f"cannot import {module_name!r} for --arch {spec}: {exc}") from exc
+        raise ArchitectureError(f"cannot import {module_name!r} for {ARCH} {spec}: {exc}") from exc
     factory = getattr(module, func_name, None)
     if not callable(factory):
-        raise ArchitectureError(f"--arch {spec}: {module_name} has no callable {func_name!r}")
+        raise ArchitectureError(f"{ARCH} {spec}: {module_name} has no callable {func_name!r}")
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):
         params = {}
     model = factory(num_classes=num_classes) if "num_classes" in params else factory()
     if not isinstance(model, nn.Module):
-        raise ArchitectureError(f"--arch {spec} returned {type(model).__name__}, not an nn.Module")
+        raise ArchitectureError(f"{ARCH} {spec} returned {type(model).__name__}, not an "
+                                "nn.Module")
     return model
 
 
@@ -174,27 +177,28 @@ def _conv_head_reason(model: nn.Module, state_dict: Mapping | None) -> str:
     return ""
 
 
-def find_heads(model: nn.Module, head: str | None = None, state_dict: Mapping | None = None
-               ) -> Heads:
-    """The head (--head NAME, timm's get_classifier(), else the last nn.Linear), the heads tied
-    to it, and the auxiliary heads over the same classes."""
+def find_heads(model: nn.Module, head_layer: str | None = None,
+               state_dict: Mapping | None = None) -> Heads:
+    """The head (`head_layer`, from --head NAME; timm's get_classifier(); else the last
+    nn.Linear), the heads tied to it, and the auxiliary heads over the same classes."""
     modules = dict(model.named_modules())
     linears = {n: m for n, m in modules.items() if isinstance(m, nn.Linear)}
     named = _timm_heads(model, modules) if is_timm(model) else []
     tied: tuple[str, ...] = ()
+    head = head_layer  # the head's layer name, from here on
     if head is not None:
         if not isinstance(modules.get(head), nn.Linear):
             what = ("is not a layer of" if head not in modules else
                     f"is a {type(modules[head]).__name__}, not an nn.Linear, in")
             raise ArchitectureError(
-                f"--head {head} {what} {type(model).__name__}; its linear layers are "
+                f"{HEAD} {head} {what} {type(model).__name__}; its linear layers are "
                 f"{', '.join(list(linears)[-6:]) or 'none'}")
     elif named:
         if not all(isinstance(modules.get(n), nn.Linear) for n in named):
             raise ArchitectureError(
                 f"timm's get_classifier() of {type(model).__name__} is not an nn.Linear "
                 f"({', '.join(type(modules.get(n)).__name__ for n in named)}); name the "
-                "head with --head")
+                f"head with {HEAD}")
         head, tied = named[0], tuple(named[1:])
     else:
         head = find_head(model, state_dict)[0]
@@ -205,14 +209,14 @@ def find_heads(model: nn.Module, head: str | None = None, state_dict: Mapping | 
     for name in tied:
         if linears[name].weight.shape != linears[head].weight.shape:
             raise ArchitectureError(f"the heads {head} and {name} differ in shape; name the head "
-                                    "to retrain with --head")
+                                    f"to retrain with {HEAD}")
     auxiliary = tuple(n for n, m in linears.items()
                       if m.out_features == out and n != head and n not in tied)
     return Heads(head, tied, auxiliary)
 
 
-def find_head_of(arch: str, state_dict: Mapping[str, torch.Tensor], head: str | None = None
-                 ) -> tuple[str, int]:
+def find_head_of(arch: str, state_dict: Mapping[str, torch.Tensor],
+                 head_layer: str | None = None) -> tuple[str, int]:
     """The head's name and number of classes for a checkpoint of `arch`, found by the one head
     finder (`find_heads`) on the architecture built without weights (on the meta device where
     it can be), before the real model is built with that many classes."""
@@ -223,7 +227,7 @@ def find_head_of(arch: str, state_dict: Mapping[str, torch.Tensor], head: str | 
         raise
     except Exception:  # a factory that cannot build on the meta device
         probe = build_model(arch, 1000, state_dict)
-    name = find_heads(probe, head, state_dict).head
+    name = find_heads(probe, head_layer, state_dict).head
     return name, head_out_features(state_dict, name)
 
 
@@ -250,7 +254,7 @@ def settle_auxiliary(model: nn.Module, heads: Heads, size: int) -> tuple[Heads, 
         raise ArchitectureError(
             f"cannot run {type(model).__name__} on a {size}x{size} image ({exc}) to tell whether "
             f"{', '.join(heads.auxiliary)} (as many outputs as the head) are auxiliary heads; "
-            "check --crop") from exc
+            f"check {ref('extract.crop')}") from exc
     auxiliary, used = [], []
     for name in heads.auxiliary:
         layer = model.get_submodule(name)
@@ -308,7 +312,7 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], arch:
             parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
         raise ArchitectureError(
             f"the checkpoint's weights do not fit {arch}: {'; '.join(parts)}; "
-            "pass the right --arch"
+            f"pass the right {ARCH}"
         )
     model.load_state_dict(state_dict, strict=True)
 
@@ -393,11 +397,11 @@ def infer_arch(state_dict: Mapping[str, torch.Tensor]) -> str:
     if not matches:
         raise ArchitectureError(
             "cannot infer the architecture: no torchvision model has this checkpoint's keys and "
-            "shapes; pass --arch NAME (a torchvision name or package.module:function)"
+            f"shapes; pass {ARCH} NAME (a torchvision name or package.module:function)"
         )
     raise ArchitectureError(
         f"the checkpoint's weights fit several architectures ({', '.join(matches)}); "
-        "pass --arch NAME"
+        f"pass {ARCH} NAME"
     )
 
 
@@ -449,8 +453,8 @@ def _timm_preprocess(arch: str, ckpt_args: Mapping, model: nn.Module) -> tuple[P
         cfg = resolve_data_config({}, model=model)
     _, height, width = cfg["input_size"]
     if height != width:
-        log.warning("%s validates at %dx%d; stage 1 crops squares: using %d (or pass --resize "
-                    "and --crop)", arch, height, width, height)
+        log.warning("%s validates at %dx%d; stage 1 crops squares: using %d (or pass %s and %s)",
+                    arch, height, width, height, ref("extract.resize"), ref("extract.crop"))
     mode = cfg.get("crop_mode") or "center"
     if mode != "center":
         log.warning("%s validates with timm's crop_mode %r; stage 1 uses a center crop",

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DataError
+from .errors import DataError, ref
 
 TABLES = Path(__file__).resolve().parent / "datasets"
 
@@ -57,9 +57,9 @@ def get_preset(name: str) -> Preset:
     try:
         return PRESETS[name.lower()]
     except KeyError:
-        raise DataError(f"--dataset {name}: not a known dataset (known: "
+        raise DataError(f"{ref('extract.dataset', name)}: not a known dataset (known: "
                         f"{', '.join(sorted(PRESETS))}); for another dataset give its order "
-                        "with --class-order FILE") from None
+                        f"with {ref('extract.class_order', 'FILE')}") from None
 
 
 def read_table(path: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -103,7 +103,7 @@ def check_folders(preset: Preset, folders: Mapping[str, Sequence[str]]) -> None:
                 f"{f!r} should be {c}" for f, c in list(misnamed.items())[:5])
                 + (" ..." if len(misnamed) > 5 else ""))
         if not names:  # ImageNet's test/ is flat: no labels
-            problems.append(f"{split}/ has no class folders (leave it out: --splits "
+            problems.append(f"{split}/ has no class folders (leave it out: {ref('extract.splits')} "
                             f"{' '.join(s for s in folders if folders[s])})")
         elif missing:
             problems.append(f"{split}/ lacks {len(missing)} of the {len(want)} class folders "
@@ -112,8 +112,8 @@ def check_folders(preset: Preset, folders: Mapping[str, Sequence[str]]) -> None:
             problems.append(f"{split}/ has {len(extra)} folder(s) that are not {preset.name} "
                             f"classes ({_some(extra)})")
     if problems:
-        raise DataError(f"--dataset {preset.name}: the class folders do not match its "
-                        f"{len(want)} classes: {'; '.join(problems)}")
+        raise DataError(f"{ref('extract.dataset', preset.name)}: the class folders do not match "
+                        f"its {len(want)} classes: {'; '.join(problems)}")
 
 
 def _some(items: Sequence[str], n: int = 5) -> str:

@@ -40,7 +40,8 @@ from PIL import Image
 
 from . import imagefile as F
 from .data import pil_transform
-from .errors import SetupError
+from .dist import local_cores
+from .errors import SetupError, first_line, ref
 from .models import Preprocess
 
 log = logging.getLogger("quickfix")
@@ -49,6 +50,9 @@ log = logging.getLogger("quickfix")
 # reallocating in the middle of a run.
 _MIXED_HINTS = dict(device_memory_padding=211025920, host_memory_padding=140544512,
                     preallocate_width_hint=5980, preallocate_height_hint=6430)
+
+
+PIL = ref("extract.decoder", "pil")
 
 
 @dataclass
@@ -79,6 +83,40 @@ def plan_batches(chunks: Sequence[tuple[int, int, int]], chunk_rows: int, batch_
         lo, hi = chunk * chunk_rows, min((chunk + 1) * chunk_rows, size)
         plan += [(split, b, min(batch_size, hi - b)) for b in range(lo, hi, batch_size)]
     return np.asarray(plan, dtype=np.int64).reshape(-1, 3)
+
+
+def default_threads() -> int:
+    """DALI's decoder threads and torch's CPU threads: this process's cores, at most 16."""
+    return min(local_cores(), 16)
+
+
+def default_workers(num_threads: int) -> int:
+    """DALI worker processes: reading, sniffing and header parsing cost ~0.1 ms a file in a
+    worker, so one feeds a few CPU decoder threads, several feed the GPU decoder."""
+    return max(1, min(8, num_threads // 4))
+
+
+def dali_device(device: torch.device) -> str:
+    """DALI's decoder placement: nvJPEG + hardware decoder on CUDA, libjpeg-turbo on the CPU."""
+    return "mixed" if device.type == "cuda" else "cpu"
+
+
+def open_reader(decoder: str, roots: Sequence[Path], files: Sequence[Sequence[str]],
+                plan: np.ndarray, pre: Preprocess, *, device: torch.device, precision: str,
+                batch_size: int, num_threads: int | None = None,
+                read_workers: int | None = None) -> DaliReader | PilReader:
+    """The input path of stage 1 and of stage 3's check on images: `decoder` ("dali" or "pil")
+    feeding a model on `device` that computes in `precision` (DALI gives float16 to a CUDA model
+    that computes in reduced precision)."""
+    num_threads = num_threads or default_threads()
+    if decoder != "dali":
+        return PilReader(roots, files, plan, pre, num_threads=num_threads)
+    cuda = device.type == "cuda"
+    return DaliReader(roots, files, plan, pre, device=dali_device(device), batch_size=batch_size,
+                      num_threads=num_threads,
+                      workers=read_workers or default_workers(num_threads),
+                      device_id=(device.index or 0) if cuda else None,
+                      half=cuda and precision != "fp32")
 
 
 def dali_available() -> bool:
@@ -186,7 +224,7 @@ class DaliDecoder:
         except Exception as exc:
             raise SetupError(
                 f"DALI ({self.device} decoder) does not work on this machine: "
-                f"{_first_line(exc)}; fix the installation, or pass --decoder pil"
+                f"{first_line(exc)}; fix the installation, or pass {PIL}"
             ) from exc
 
     def _run(self, arrays, rois) -> torch.Tensor:
@@ -283,7 +321,7 @@ class DaliReader:
             raise
         except Exception as exc:
             raise SetupError(f"cannot start the DALI pipeline ({self.device} decoder): "
-                             f"{_first_line(exc)}; or pass --decoder pil") from exc
+                             f"{first_line(exc)}; or pass {PIL}") from exc
 
     def __iter__(self) -> Iterator[Batch]:
         if self._pipe is None:
@@ -308,7 +346,7 @@ class DaliReader:
                 if unexplained >= self.MAX_UNEXPLAINED:
                     raise SetupError(
                         f"DALI failed on {unexplained} batches in a row whose files all decode "
-                        f"on their own: {_first_line(exc)}; or pass --decoder pil") from exc
+                        f"on their own: {first_line(exc)}; or pass {PIL}") from exc
                 # No bad file explains it: the pipeline itself may be unusable now (older DALI
                 # releases invalidate it after any error). Start a new one at the next batch.
                 self._close_pipe()
@@ -362,7 +400,7 @@ class DaliReader:
                 images[i] = self.out.from_pil(chw)
                 reasons[i] = f"decoded by PIL after: {err}"
         log.debug("DALI failed on a batch of %d rows (%s); re-decoded it on the side",
-                  n, _first_line(exc))
+                  n, first_line(exc))
         return Batch(split, lo, images, ok, reasons), bool(retry)
 
     def close(self) -> None:
@@ -460,11 +498,6 @@ def eval_transform(img: Image.Image, pre: Preprocess) -> torch.Tensor:
     resample = TF.pil_modes_mapping[InterpolationMode(pre.interpolation)]
     img = img.resize((pre.crop, pre.crop), resample, box=box)
     return TF.normalize(TF.pil_to_tensor(img).float().div_(255), pre.mean, pre.std)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return (lines[0] if lines else type(exc).__name__)[:300]
 
 
 def _dali_reason(exc: Exception) -> str:

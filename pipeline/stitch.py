@@ -14,6 +14,7 @@ record is added. The file is written atomically and verified before it is moved 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -37,20 +38,21 @@ from .checkpoint import (
     backbone_digest,
     is_state_dict,
     load_checkpoint,
-    load_head,
     load_safetensors,
     torch_load,
 )
-from .errors import CheckpointError, DataError
-from .files import atomic_write
-from .models import build_model, head_out_features
+from .errors import CheckpointError, DataError, ref
+from .files import atomic_write, resolve_device
+from .headfile import HeadRecord
+from .models import Preprocess, build_model, head_out_features
 from .report import warn_backbone
+from .settings import StitchSettings
 
 log = logging.getLogger("quickfix")
 
+St = StitchSettings  # its settings, named in messages: St.ref("out")
 OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "opt", "optim",
                   "optimizer_states")  # the last: Lightning's list, one per optimizer
-AUX_MODES = ("auto", "permute", "keep")
 
 
 @dataclass
@@ -96,100 +98,136 @@ def check_output(checkpoint: Path, out: Path, overwrite: bool) -> None:
         except OSError:
             same = False
     if same:
-        raise DataError(f"--out {out} is the input checkpoint (same path, link or hardlink); "
-                        "the original is never overwritten: choose another --out")
+        raise DataError(f"{St.ref('out')} {out} is the input checkpoint (same path, link or "
+                        "hardlink); the original is never overwritten: choose another "
+                        f"{St.ref('out')}")
     if out.exists() and not overwrite:
-        raise DataError(f"--out {out} exists; pass --overwrite to replace it")
+        raise DataError(f"{St.ref('out')} {out} exists; pass {St.ref('overwrite')} to replace it")
     if out.is_dir():
-        raise DataError(f"--out {out} is a directory; give a file path")
+        raise DataError(f"{St.ref('out')} {out} is a directory; give a file path")
 
 
-def stitch(*, checkpoint: Path, head_path: Path, out: Path, overwrite: bool = False,
-           trust_checkpoint: bool = False, aux_heads: str = "auto") -> StitchSummary:
-    """`aux_heads`: auto re-orders auxiliary heads when the old head was a clean permutation of
-    the right one (else refuses), permute always uses stage 2's best permutation, keep leaves
-    them in the old order (said in a notice)."""
-    if aux_heads not in AUX_MODES:
-        raise DataError(f"--aux-heads {aux_heads}: expected one of {', '.join(AUX_MODES)}")
-    check_output(checkpoint, out, overwrite)
-    head = load_head(head_path)
-    store = head["store"]
-    ema = bool(store.get("ema", False))
-    ckpt = load_checkpoint(checkpoint, trust=trust_checkpoint, use_ema=ema)
-    head_name = store["head"]
-    others = store.get("other_heads") or {}
-    weight, bias = head["weight"], head["bias"]
-    classes = list(head["classes"])
-    names = head.get("class_names")
-    names = list(names) if names is not None and len(names) == len(classes) else None
-    digest = backbone_digest(ckpt.state_dict, head_name, others)
-    if digest != store["backbone_sha256"]:
-        raise CheckpointError(f"the head {head_path} was trained on features of another backbone "
-                              f"than {checkpoint}'s (backbone sha256 differs)")
-    old_w = ckpt.state_dict.get(f"{head_name}.weight")
-    if old_w is None or tuple(old_w.shape) != tuple(weight.shape):
-        raise CheckpointError(
-            f"the head {head_path} has shape {tuple(weight.shape)} but {checkpoint}'s "
-            f"{head_name}.weight is {None if old_w is None else tuple(old_w.shape)}")
-    if ckpt.classes is not None and sorted(ckpt.classes) != sorted(classes):
-        raise CheckpointError(f"{checkpoint} names other classes than the head {head_path}")
-    warn_backbone(head.get("diagnosis"), "stitch")  # the user decides: the file is written
+def run_stitch(settings: StitchSettings) -> None:
+    """Stage 3 and its end-to-end check on images, each with its summary line (the first as
+    soon as the file is in place)."""
+    device = None
+    if settings.verify_data is not None:  # checked before anything is written
+        device = resolve_device(settings.device)
+        if not settings.verify_data.is_dir():
+            raise DataError(f"{St.ref('verify_data')} {settings.verify_data} is not a directory")
+    check_output(settings.checkpoint, settings.out, settings.overwrite)
+    head = HeadRecord.load(settings.head_file)
+    log.info(stitch(settings, head).line())
+    if device is not None:
+        result = verify_on_images(settings.out, settings.verify_data, head, device=device,
+                                  batch_size=settings.verify_batch_size,
+                                  trust=settings.trust_checkpoint,
+                                  progress_every=settings.progress_every)
+        log.info(result.line(settings.verify_data, head.val_top1))
 
-    notices: list[str] = []
-    # what changes in every copy: tensors replaced by the new head, rows re-ordered in place
-    replace = {f"{name}.{p}": t for name in (head_name, *others.get("tied", ()))
-               for p, t in (("weight", weight), ("bias", bias))}
-    auxiliary = list(others.get("auxiliary", ()))
-    reorder = (_reordered_aux(auxiliary, ckpt.state_dict, head, aux_heads, notices)
-               if auxiliary else {})
-    changes = Changes(replace, reorder)
-    if ema:
+
+def stitch(settings: StitchSettings, head: HeadRecord) -> StitchSummary:
+    """Write `head` into a copy of the checkpoint (its output checked by `check_output`).
+
+    `settings.aux_heads`: auto re-orders auxiliary heads when the old head was a clean
+    permutation of the right one (else refuses), permute always uses stage 2's best
+    permutation, keep leaves them in the old order (said in a notice)."""
+    ckpt = _matching_checkpoint(settings, head)
+    warn_backbone(head.diagnosis, "stitch")  # the user decides: the file is written
+    notices: list[str] = []  # also the provenance record's, which shows them all
+    changes = _changes(head, ckpt, settings.aux_heads, notices)
+    if head.source.ema:
         notices.append(f"the head was trained on the features of the EMA weights "
                        f"({ckpt.source_key}); it was written into every copy of the model")
-
-    raw = ckpt.raw
-    copies = ckpt.copies
-    if not copies:
+    if not ckpt.copies:
         raise CheckpointError(
-            f"{checkpoint} holds its model as a pickled object, not a state dict, so there is no "
-            "state dict to write the head into: save model.state_dict() in its place and rerun")
-    new = dict(raw)
-    for c in copies:
+            f"{settings.checkpoint} holds its model as a pickled object, not a state dict, so "
+            "there is no state dict to write the head into: save model.state_dict() in its "
+            "place and rerun")
+    new = dict(ckpt.raw)
+    for c in ckpt.copies:
         sd = dict(_get(new, c.path))
-        sd.update(changes.tensors(sd, c, checkpoint))
+        sd.update(changes.tensors(sd, c, settings.checkpoint))
         new = _set(new, c.path, sd)
+    record = _provenance(settings, head, ckpt, notices)
+    new, metadata = _with_class_order(new, ckpt, head, changes, record, settings.out, notices)
+    for note in notices:
+        log.warning("stitch: %s", note)
+    _save_verified(new, settings.out, ckpt, changes, settings.trust_checkpoint, metadata)
+    return StitchSummary(settings.out, [c.label() for c in ckpt.copies], notices)
 
-    record = {
+
+def _matching_checkpoint(settings: StitchSettings, head: HeadRecord) -> Checkpoint:
+    """The checkpoint (the copy of the model the head's features came from), refused unless
+    the head was trained on its backbone, for its head's shape and classes."""
+    checkpoint, head_file, src = settings.checkpoint, settings.head_file, head.source
+    ckpt = load_checkpoint(checkpoint, trust=settings.trust_checkpoint, use_ema=src.ema)
+    digest = backbone_digest(ckpt.state_dict, src.head_layer, src.other_heads)
+    if digest != src.backbone_sha256:
+        raise CheckpointError(f"the head {head_file} was trained on features of another backbone "
+                              f"than {checkpoint}'s (backbone sha256 differs)")
+    old_w = ckpt.state_dict.get(f"{src.head_layer}.weight")
+    if old_w is None or tuple(old_w.shape) != tuple(head.weight.shape):
+        raise CheckpointError(
+            f"the head {head_file} has shape {tuple(head.weight.shape)} but {checkpoint}'s "
+            f"{src.head_layer}.weight is {None if old_w is None else tuple(old_w.shape)}")
+    if ckpt.classes is not None and sorted(ckpt.classes) != sorted(head.classes):
+        raise CheckpointError(f"{checkpoint} names other classes than the head {head_file}")
+    return ckpt
+
+
+def _changes(head: HeadRecord, ckpt: Checkpoint, aux_heads: str, notices: list[str]) -> Changes:
+    """What changes in every copy: the head and the heads tied to it replaced by the new head,
+    the auxiliary heads' rows re-ordered in place."""
+    src = head.source
+    replace = {f"{name}.{p}": t for name in (src.head_layer, *src.other_heads.get("tied", ()))
+               for p, t in (("weight", head.weight), ("bias", head.bias))}
+    auxiliary = list(src.other_heads.get("auxiliary", ()))
+    reorder = (_reordered_aux(auxiliary, ckpt.state_dict, head, aux_heads, notices)
+               if auxiliary else {})
+    return Changes(replace, reorder)
+
+
+def _provenance(settings: StitchSettings, head: HeadRecord, ckpt: Checkpoint,
+                notices: list[str]) -> dict:
+    src = head.source
+    return {
         "tool": "quickfix-labels", "version": __version__,
-        "input": {"path": str(checkpoint.resolve()), "sha256": sha256_file(checkpoint),
-                  "layout": ckpt.layout},
-        "head": {"path": str(head_path.resolve()), "config": head["config"],
-                 "metrics": head["metrics"], "diagnosis": head.get("diagnosis")},
-        "store": {"path": store["path"], "fingerprint": store["fingerprint"],
-                  "backbone_sha256": store["backbone_sha256"], "ema": ema},
+        "input": {"path": str(settings.checkpoint.resolve()),
+                  "sha256": sha256_file(settings.checkpoint), "layout": ckpt.layout},
+        "head": {"path": str(settings.head_file.resolve()), "config": head.config,
+                 "metrics": head.metrics, "diagnosis": head.diagnosis or None},
+        "store": {"path": src.path, "fingerprint": src.fingerprint,
+                  "backbone_sha256": src.backbone_sha256, "ema": src.ema},
         "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "notices": notices,
     }
-    metadata = None
+
+
+def _with_class_order(new: dict, ckpt: Checkpoint, head: HeadRecord, changes: Changes,
+                      record: dict, out: Path, notices: list[str]
+                      ) -> tuple[dict, dict[str, str] | None]:
+    """The correct class order (and the provenance record) where the file's format keeps it:
+    a safetensors file's metadata (returned, for the writer), a training-script checkpoint's
+    `id_to_class`/`class_to_idx` (with the old head's optimizer state dropped); a bare state
+    dict has no place for it."""
+    classes, names = head.classes, head.names
     if ckpt.format == SAFETENSORS:
         if out.suffix != ".safetensors":
             notices.append(f"the input is a safetensors file, so {out.name} is one too")
-        metadata = {**ckpt.metadata, "id_to_class": json.dumps(_ordered_entries(
+        return new, {**ckpt.metadata, "id_to_class": json.dumps(_ordered_entries(
             _metadata_mapping(ckpt.metadata), classes, names)),
             "quickfix": json.dumps(record, default=str)}
-    elif not is_state_dict(raw):
-        new = _set_mapping(new, classes, names)
-        new, dropped = _drop_head_optimizer_state(new, ckpt, head_name, changes.names(),
-                                                  store["arch"])
-        notices += dropped
-        new["quickfix"] = record
-    else:
+    if is_state_dict(ckpt.raw):
         notices.append("the checkpoint is a bare state dict, so the class order cannot go "
                        "inside it: it is in the head file's `classes`")
-    for note in notices:
-        log.warning("stitch: %s", note)
-    _save_verified(new, out, ckpt, changes, trust_checkpoint, metadata)
-    return StitchSummary(out, [c.label() for c in copies], notices)
+        return new, None
+    new = _set_mapping(new, classes, names)
+    new, dropped = _drop_head_optimizer_state(new, ckpt, head.source.head_layer, changes.names(),
+                                              head.source.arch)
+    notices += dropped
+    new["quickfix"] = record
+    return new, None
 
 
 @dataclass
@@ -223,28 +261,31 @@ class Changes:
         return out
 
 
-def _reordered_aux(auxiliary: list[str], state_dict: Mapping[str, torch.Tensor], head: dict,
-                   mode: str, notices: list[str]) -> dict[str, torch.Tensor]:
+def _reordered_aux(auxiliary: list[str], state_dict: Mapping[str, torch.Tensor],
+                   head: HeadRecord, mode: str, notices: list[str]) -> dict[str, torch.Tensor]:
     """The auxiliary heads' tensors to re-order, each with stage 2's permutation (new row t =
     old row mapping[t]), or {} when they are kept as they are."""
     names = ", ".join(auxiliary)
     if mode == "keep":
         notices.append(f"the auxiliary heads {names} were left in the old class order "
-                       "(--aux-heads keep): do not use their outputs without re-training them")
+                       f"({St.ref('aux_heads', 'keep')}): do not use their outputs without "
+                       "re-training them")
         return {}
-    diagnosis = head.get("diagnosis")
-    if diagnosis is None or "mapping" not in diagnosis:
+    diagnosis = head.diagnosis
+    if head.mapping is None:
         raise CheckpointError(
             f"the model has auxiliary heads over the same classes ({names}) and the head file "
-            "holds no class permutation to re-order them (train_head.py ran without "
-            "--checkpoint): rerun it with --checkpoint, or pass --aux-heads keep")
+            f"holds no class permutation to re-order them ({ref('cmd.train')} ran without "
+            f"{ref('train.checkpoint')}): rerun it with {ref('train.checkpoint')}, or pass "
+            f"{St.ref('aux_heads', 'keep')}")
     if mode == "auto" and not diagnosis["is_permutation"]:
         raise CheckpointError(
             f"the model has auxiliary heads over the same classes ({names}), and the old head is "
             f"not a clean permutation of the right one (only {diagnosis['clean_share']:.0%} of "
-            "classes map one-to-one), so re-ordering them is a guess: pass --aux-heads permute "
-            "to apply stage 2's best permutation anyway, or --aux-heads keep to leave them")
-    mapping = torch.as_tensor(diagnosis["mapping"], dtype=torch.long)
+            f"classes map one-to-one), so re-ordering them is a guess: pass "
+            f"{St.ref('aux_heads', 'permute')} to apply stage 2's best permutation anyway, or "
+            f"{St.ref('aux_heads', 'keep')} to leave them")
+    mapping = torch.as_tensor(head.mapping, dtype=torch.long)
     out = {}
     for name in auxiliary:
         for part in ("weight", "bias"):
@@ -419,8 +460,8 @@ class VerifySummary:
 
 
 @torch.inference_mode()
-def verify_on_images(fixed: Path, data_dir: Path, head: dict, *, device: torch.device,
-                     batch_size: int = 128, trust: bool = False, num_threads: int | None = None,
+def verify_on_images(fixed: Path, data_dir: Path, head: HeadRecord, *, device: torch.device,
+                     batch_size: int = 128, trust: bool = False,
                      progress_every: float = 30.0) -> VerifySummary:
     """Top-1 of the stitched model end to end on an image folder, decoded as stage 1 decoded
     the store (DALI's decoder where the store used it and DALI is installed, else PIL), in
@@ -429,74 +470,103 @@ def verify_on_images(fixed: Path, data_dir: Path, head: dict, *, device: torch.d
     `data_dir` is a split folder of class folders, or a root holding `val/`. Files that stage 1
     quarantines are skipped, as stage 2 skipped them.
     """
-    from . import data as D
     from . import readers as R
-    from .extract import dali_device, forward_context
-    from .models import Preprocess
     from .progress import Progress
-    from .store import open_store
+
+    split = _verify_split(data_dir, head.classes, batch_size)
+    decoder, pre, precision = _as_stage1_read(head, device)
+    n = len(split.files)
+    reader = R.open_reader(decoder, [split.root], [split.files],
+                           R.plan_batches([(0, 0, n)], n, batch_size), pre, device=device,
+                           precision=precision, batch_size=batch_size)
+    start = time.perf_counter()
+    try:
+        reader.start()  # before the model touches CUDA: DALI's workers are forked
+        model = _fixed_model(fixed, head, trust, device)
+        labels = torch.from_numpy(split.labels.astype(np.int64)).to(device)
+        with Progress(n, "verify", interval=progress_every) as progress:
+            correct, total = _count_correct(model, reader, labels, device, precision, progress)
+    finally:
+        reader.close()
+    top1 = correct / total if total else 0.0
+    return VerifySummary(top1, total, n - total, time.perf_counter() - start,
+                         decoder)
+
+
+def _verify_split(data_dir: Path, classes: list[str], batch_size: int):
+    from . import data as D
 
     split_dir = data_dir / "val" if (data_dir / "val").is_dir() else data_dir
     if not split_dir.is_dir():
-        raise DataError(f"--verify-data {data_dir} is not a directory")
+        raise DataError(f"{St.ref('verify_data')} {data_dir} is not a directory")
     if batch_size < 1:
         raise DataError(f"verify batch size {batch_size}: must be at least 1")
-    classes = list(head["classes"])
     split = D.scan_split(split_dir.name, split_dir, classes)
     if not split.files:
-        raise DataError(f"--verify-data {data_dir}: no images in class folders of {split_dir}")
-    components = open_store(Path(head["store"]["path"])).attrs["fingerprint"]["components"]
-    p = components["preprocessing"]
-    pre = Preprocess(p["resize"], p["crop"], p["interpolation"], tuple(p["mean"]),
-                     tuple(p["std"]))
-    decoder = "dali" if str(components.get("decoder", "pil")).startswith("dali") else "pil"
+        raise DataError(f"{St.ref('verify_data')} {data_dir}: no images in class folders of "
+                        f"{split_dir}")
+    return split
+
+
+def _as_stage1_read(head: HeadRecord, device: torch.device
+                    ) -> tuple[str, Preprocess, str]:
+    """The decoder, eval transform and precision stage 1 read the images with, as the head
+    records them (a head file of an earlier version: as its store records them)."""
+    from . import readers as R
+
+    src = head.source
+    if src.preprocessing is None and Path(src.path).exists():
+        from .store import FeatureStore
+
+        store = FeatureStore.open(Path(src.path))
+        src = dataclasses.replace(src, preprocessing=store.preprocessing,
+                                  decoder=store.decoder, precision=store.precision)
+    if src.preprocessing is None:
+        raise DataError(f"the head file records no eval transform to read the images with (its "
+                        f"store {src.path} is gone, or was not made by {ref('cmd.extract')}): "
+                        f"rerun {ref('cmd.train')} on the store, or leave out "
+                        f"{St.ref('verify_data')}")
+    decoder = "dali" if str(src.decoder or "pil").startswith("dali") else "pil"
     if decoder == "dali" and not R.dali_available():
         log.warning("verify: stage 1 decoded with DALI, which is not installed here: decoding "
                     "with PIL (top-1 may differ slightly from stage 2's)")
         decoder = "pil"
-    precision = components.get("compute", {}).get("precision", "fp32")
-    if device.type != "cuda":
-        precision = "fp32"
-    num_threads = num_threads or min(os.cpu_count() or 1, 16)
-    n = len(split.files)
-    plan = R.plan_batches([(0, 0, n)], n, batch_size)
-    if decoder == "dali":
-        reader = R.DaliReader([split_dir], [split.files], plan, pre, device=dali_device(device),
-                              batch_size=batch_size, num_threads=num_threads,
-                              workers=max(1, min(8, num_threads // 4)),
-                              device_id=(device.index or 0) if device.type == "cuda" else None)
-    else:
-        reader = R.PilReader([split_dir], [split.files], plan, pre, num_threads=num_threads)
-    labels = torch.from_numpy(split.labels.astype(np.int64)).to(device)
+    precision = (src.precision or "fp32") if device.type == "cuda" else "fp32"
+    return decoder, src.preprocessing, precision
+
+
+def _fixed_model(fixed: Path, head: HeadRecord, trust: bool, device: torch.device
+                 ) -> torch.nn.Module:
+    """The whole fixed model, the copy the head was trained for (the EMA one after --ema)."""
+    ckpt = load_checkpoint(fixed, trust=trust, use_ema=head.source.ema)
+    model = build_model(head.source.arch, len(head.classes), ckpt.state_dict)
+    model.load_state_dict(ckpt.state_dict)
+    model.eval().to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _count_correct(model: torch.nn.Module, reader, labels: torch.Tensor, device: torch.device,
+                   precision: str, progress) -> tuple[int, int]:
+    """(right predictions, usable images) over the reader's batches, counted on the device."""
+    from .extract import forward_context
+
     correct = torch.zeros((), dtype=torch.long, device=device)
     total = 0
     pending: deque = deque()  # DALI's buffers stay alive until the GPU has read them
-    start = time.perf_counter()
-    try:
-        reader.start()  # before the model touches CUDA: DALI's workers are forked
-        # the copy of the model the head was trained for (the EMA one after --ema)
-        ckpt = load_checkpoint(fixed, trust=trust, use_ema=bool(head["store"].get("ema", False)))
-        model = build_model(head["store"]["arch"], len(classes), ckpt.state_dict)
-        model.load_state_dict(ckpt.state_dict)
-        model.eval().to(device)
+    for batch in reader:
+        x = batch.images.to(device, non_blocking=True)
+        with forward_context(device, precision):
+            pred = model(x).argmax(1)
+        ok = torch.from_numpy(batch.ok).to(device, non_blocking=True)
+        correct += ((pred == labels[batch.lo:batch.lo + batch.n]) & ok).sum()
+        total += int(batch.ok.sum())
         if device.type == "cuda":
-            model.to(memory_format=torch.channels_last)
-        with Progress(n, "verify", interval=progress_every) as progress:
-            for batch in reader:
-                x = batch.images.to(device, non_blocking=True)
-                with forward_context(device, precision):
-                    pred = model(x).argmax(1)
-                ok = torch.from_numpy(batch.ok).to(device, non_blocking=True)
-                correct += ((pred == labels[batch.lo:batch.lo + batch.n]) & ok).sum()
-                total += int(batch.ok.sum())
-                if device.type == "cuda":
-                    event = torch.cuda.Event()
-                    event.record()
-                    pending.append((event, batch.keep))
-                    while len(pending) > 2:
-                        pending.popleft()[0].synchronize()
-                progress.update(batch.n)
-    finally:
-        reader.close()
-    top1 = int(correct) / total if total else 0.0  # the one read of the result
-    return VerifySummary(top1, total, n - total, time.perf_counter() - start, decoder)
+            event = torch.cuda.Event()
+            event.record()
+            pending.append((event, batch.keep))
+            while len(pending) > 2:
+                pending.popleft()[0].synchronize()
+        progress.update(batch.n)
+    return int(correct), total  # the one read of the result

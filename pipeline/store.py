@@ -50,8 +50,9 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from .data import stored_name
-from .errors import DataError, StoreError
+from .errors import DataError, StoreError, first_line, ref
 from .files import explain
+from .models import Preprocess
 
 log = logging.getLogger("quickfix")
 
@@ -62,6 +63,10 @@ DIGESTED = ("features", "labels", "files", "stat", "ok", "reasons")  # digests' 
 # written when the store is made, from the file scan; the others as the backbone runs
 SCAN_ARRAYS = ("labels", "files", "stat")
 _ALL_CHUNKS = {"write_empty_chunks": True}
+
+EXTRACT = ref("cmd.extract")
+# what to do about a store found damaged as it is read
+REPAIR = f"rerun {EXTRACT} with the same arguments and {ref('extract.verify')} to repair it"
 
 
 def fingerprint_digest(components: dict) -> str:
@@ -115,11 +120,11 @@ def is_damaged_store(path: Path) -> bool:
 
 def open_store(path: Path, mode: str = "r") -> zarr.Group:
     if not path.exists():
-        raise StoreError(f"feature store {path} does not exist; run extract_features.py first")
+        raise StoreError(f"feature store {path} does not exist; run {EXTRACT} first")
     if is_damaged_store(path):
         raise StoreError(f"the feature store {path} is damaged: its root metadata (zarr.json) is "
                          "missing or unreadable, so what it was made from is unknown; rerun "
-                         "extract_features.py with --overwrite to make it anew")
+                         f"{EXTRACT} with {ref('extract.overwrite')} to make it anew")
     if not is_store(path):
         raise StoreError(f"{path} is not a Quick Fix Labels feature store (no {FORMAT} group)")
     group = zarr.open_group(str(path), mode=mode)
@@ -127,9 +132,134 @@ def open_store(path: Path, mode: str = "r") -> zarr.Group:
     if version != FORMAT_VERSION:
         raise StoreError(
             f"feature store {path} has layout version {version}; this tool reads "
-            f"{FORMAT_VERSION}: rerun extract_features.py with --overwrite"
+            f"{FORMAT_VERSION}: rerun {EXTRACT} with {ref('extract.overwrite')}"
         )
     return group
+
+
+class FeatureStore:
+    """An open feature store, and the one reader of its attributes: what it was made from (the
+    fingerprint's components: backbone, preprocessing, decoder, precision), its classes and
+    splits, each split's geometry, and the proofs and reads of its rows.
+
+    The stages hold a FeatureStore; the module's functions below take its zarr group."""
+
+    def __init__(self, path: Path, group: zarr.Group):
+        self.path, self.group = Path(path), group
+
+    @classmethod
+    def open(cls, path: Path, mode: str = "r") -> FeatureStore:
+        return cls(path, open_store(path, mode))
+
+    # --- what it holds and was made from ---------------------------------------------------
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.group.attrs["classes"])
+
+    @property
+    def class_names(self) -> list[str] | None:
+        names = self.group.attrs.get("class_names")
+        return list(names) if names is not None else None
+
+    def set_class_names(self, names: list[str] | None) -> bool:
+        """Record the classes' human names (not part of the inputs: they change no feature);
+        True when they changed."""
+        if self.group.attrs.get("class_names") == names:
+            return False
+        self.group.attrs["class_names"] = names
+        return True
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.group.attrs["splits"])
+
+    @property
+    def components(self) -> dict:
+        """What the store was made from (its fingerprint before hashing)."""
+        return self.group.attrs["fingerprint"]["components"]
+
+    @property
+    def digest(self) -> str:
+        return self.group.attrs["fingerprint"]["digest"]
+
+    @property
+    def created_utc(self) -> str | None:
+        return (self.group.attrs.get("record") or {}).get("created_utc")
+
+    @property
+    def model(self) -> dict:
+        """The record of the checkpoint it was made from (path, backbone digest, head, classes,
+        layout, weights, ema); {} for a store made without one."""
+        return dict(self.group.attrs.get("checkpoint") or {})
+
+    @property
+    def ema(self) -> bool:
+        """Made from the checkpoint's EMA weights: stages 2 and 3 use the same copy."""
+        return bool(self.model.get("ema", False))
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.components["feature_dim"])
+
+    @property
+    def preprocessing(self) -> Preprocess | None:
+        p = self.components.get("preprocessing")
+        if p is None:
+            return None
+        return Preprocess(p["resize"], p["crop"], p["interpolation"], tuple(p["mean"]),
+                          tuple(p["std"]))
+
+    @property
+    def decoder(self) -> str | None:
+        """"pil", "dali-cpu" or "dali-mixed"."""
+        return self.components.get("decoder")
+
+    @property
+    def precision(self) -> str | None:
+        return (self.components.get("compute") or {}).get("precision")
+
+    # --- each split ------------------------------------------------------------------------
+
+    def chunk_rows(self, split: str) -> int:
+        return int(self.group[split].attrs["chunk_rows"])
+
+    def num_samples(self, split: str) -> int:
+        return int(self.group[split].attrs["num_samples"])
+
+    def dtype(self, split: str) -> np.dtype:
+        return self.group[split]["features"].dtype
+
+    def done(self, split: str) -> np.ndarray:
+        return split_progress(self.group, split)
+
+    def read(self, split: str, name: str, lo: int = 0, hi: int | None = None) -> np.ndarray:
+        return read_rows(self.group, split, name, lo, hi)
+
+    def read_noting(self, split: str, name: str, damage: Damage) -> np.ndarray:
+        return read_noting(self.group, split, name, damage)
+
+    # --- proofs ----------------------------------------------------------------------------
+
+    def check(self) -> Damage:
+        return check_store(self.group)
+
+    def verify(self, progress=None) -> Damage:
+        return verify_store(self.group, progress)
+
+    def complete(self, split: str) -> None:
+        verify_complete(self.group, split)
+
+    def check_digests(self, split: str, names: Sequence[str], digests: np.ndarray | None = None,
+                      chunks=None) -> np.ndarray:
+        return check_digests(self.group, split, names, digests, chunks)
+
+    def repair(self, damage: Damage, specs: Sequence[SplitSpec], **geometry) -> None:
+        repair(self.group, damage, specs, **geometry)
+
+    def writer(self) -> str | None:
+        """Who is writing the store now (see WriterLock), or None."""
+        return writer_of(self.path)
 
 
 def create_store(path: Path, *, classes: list[str], splits: Sequence[SplitSpec], feature_dim: int,
@@ -251,8 +381,8 @@ def check_replaceable(path: Path) -> None:
     if path.is_dir() and (is_store(path) or is_damaged_store(path) or not any(path.iterdir())):
         return
     raise StoreError(
-        f"--out {path} exists and is not a feature store; refusing to replace it: "
-        "choose another --out"
+        f"{ref('extract.out')} {path} exists and is not a feature store; refusing to replace "
+        f"it: choose another {ref('extract.out')}"
     )
 
 
@@ -347,10 +477,10 @@ class ChunkWriter:
     written as zeros. The first error stops the writer; `put` and `close` raise it.
     """
 
-    def __init__(self, group: zarr.Group, splits: Sequence[str], files: Sequence[Sequence[str]],
-                 *, chunk_rows: int, feature_dim: int, dtype: np.dtype, queue_size: int = 4,
-                 nonfinite_hint: str = ""):
-        self.group, self.splits, self.files = group, list(splits), files
+    def __init__(self, store: FeatureStore, splits: Sequence[str],
+                 files: Sequence[Sequence[str]], *, chunk_rows: int, feature_dim: int,
+                 dtype: np.dtype, queue_size: int = 4, nonfinite_hint: str = ""):
+        self.group, self.splits, self.files = store.group, list(splits), files
         self.nonfinite_hint = nonfinite_hint
         self.chunk_rows, self.feature_dim, self.dtype = chunk_rows, feature_dim, np.dtype(dtype)
         self.quarantined = self.rescued = 0
@@ -468,8 +598,9 @@ class ChunkWriter:
             names = ", ".join(str(files[lo + i]) for i in over[:3])
             raise DataError(f"features reach {float(peak[over].max()):.3g}, beyond {self.dtype}'s "
                             f"range ({limit:.6g}), for {over.size} images ({names}"
-                            f"{', ...' if over.size > 3 else ''}): rerun with --float32 "
-                            "--overwrite to store float32 features")
+                            f"{', ...' if over.size > 3 else ''}): rerun with "
+                            f"{ref('extract.float32')} {ref('extract.overwrite')} to store "
+                            "float32 features")
 
 
 class _Aborted(Exception):
@@ -482,7 +613,7 @@ def verify_complete(group: zarr.Group, split: str) -> None:
         first = int(np.flatnonzero(~done)[0])
         raise StoreError(
             f"split {split} of the feature store is incomplete: {int((~done).sum())} of "
-            f"{done.size} chunks unwritten (first: {first}); rerun extract_features.py to finish"
+            f"{done.size} chunks unwritten (first: {first}); rerun {EXTRACT} to finish"
         )
 
 
@@ -622,14 +753,13 @@ def check_digests(group: zarr.Group, split: str, names: Sequence[str],
                 where = getattr(group.store, "root", group.store)
                 raise StoreError(f"the feature store {where} is damaged: {split}/{name} chunk {c} "
                                  "is not the file written there (its crc32 differs from the "
-                                 "one recorded in `digests`); rerun extract_features.py with "
-                                 "the same arguments and --verify to repair it")
+                                 f"one recorded in `digests`); {REPAIR}")
     return digests
 
 
 def _short(exc: BaseException) -> str:
-    text = (str(exc).splitlines() or [type(exc).__name__])[0]
-    return "it fails its checksum" if "checksum" in text else text[:80]
+    text = first_line(exc, 80)
+    return "it fails its checksum" if "checksum" in text else text
 
 
 def read_noting(group: zarr.Group, split: str, name: str, damage: Damage) -> np.ndarray:
@@ -694,8 +824,7 @@ def read_rows(group: zarr.Group, split: str, name: str, lo: int = 0,
         where = getattr(group.store, "root", group.store)
         raise StoreError(
             f"the feature store {where} is damaged: {split}/{name} chunk {bad} cannot be read "
-            f"({_short(err)}); rerun extract_features.py with the same arguments and --verify "
-            "to repair it") from exc
+            f"({_short(err)}); {REPAIR}") from exc
 
 
 # ---------------------------------------------------------------------------------------------

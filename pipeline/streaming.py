@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import StoreError
+from .errors import StoreError, ref
 from .head import Features
-from .store import check_digests, read_rows
+from .store import REPAIR, FeatureStore
 
 log = logging.getLogger("quickfix")
 
@@ -39,16 +39,14 @@ class StoreRows:
     (another mask), the chunks read also carry those rows, flagged (the holdout, scored in the
     training pass); `len` counts the rows of `mask` only."""
 
-    def __init__(self, group, split: str, mask: np.ndarray, side: np.ndarray | None = None,
-                 labels: np.ndarray | None = None):
-        g = group[split]
-        self.group, self.split = group, split
-        self.array = g["features"]
-        self.chunk_rows = int(g.attrs["chunk_rows"])
+    def __init__(self, store: FeatureStore, split: str, mask: np.ndarray,
+                 side: np.ndarray | None = None, labels: np.ndarray | None = None):
+        self.store, self.split = store, split
+        self.chunk_rows = store.chunk_rows(split)
         # the split's, all rows
-        self.labels = read_rows(group, split, "labels") if labels is None else labels
+        self.labels = store.read(split, "labels") if labels is None else labels
         # each chunk's file is checked to be the one written at its position, on its first read
-        self.digests = read_rows(group, split, "digests")
+        self.digests = store.read(split, "digests")
         self.checked: set[int] = set()
         self.side = side
         self.rows = int(mask.sum())
@@ -59,8 +57,8 @@ class StoreRows:
         starts = np.arange(0, n_all, self.chunk_rows)
         counts = np.add.reduceat(mask.astype(np.int64), starts) if n_all else np.zeros(0, int)
         self.chunks = [int(c) for c in np.flatnonzero(counts)]
-        self.dim = int(self.array.shape[1])
-        self.dtype = torch.from_numpy(np.zeros(0, self.array.dtype)).dtype
+        self.dim = store.feature_dim
+        self.dtype = torch.from_numpy(np.zeros(0, store.dtype(split))).dtype
         self.y = torch.from_numpy(self.labels[mask if side is None else mask & ~side]
                                   .astype(np.int64))
 
@@ -75,16 +73,14 @@ class StoreRows:
         """The selected rows of one storage chunk: (features, labels), and with `side` the
         side rows' flags."""
         lo = chunk * self.chunk_rows
-        x = read_rows(self.group, self.split, "features", lo, lo + self.chunk_rows)
+        x = self.store.read(self.split, "features", lo, lo + self.chunk_rows)
         if chunk not in self.checked:
-            check_digests(self.group, self.split, ("features",), self.digests, [chunk])
+            self.store.check_digests(self.split, ("features",), self.digests, [chunk])
             self.checked.add(chunk)
         keep = self.mask[lo:lo + len(x)]
         if not np.isfinite(x[keep]).all():
-            raise StoreError(f"the feature store {self.group.store.root} holds non-finite "
-                             f"features in {self.split} chunk {chunk} (rows marked usable): rerun "
-                             "extract_features.py with the same arguments and --verify to "
-                             "find and recompute them")
+            raise StoreError(f"the feature store {self.store.path} holds non-finite features in "
+                             f"{self.split} chunk {chunk} (rows marked usable): {REPAIR}")
         part = (x[keep], self.labels[lo:lo + len(x)][keep].astype(np.int64))
         if self.side is None:
             return part
@@ -134,19 +130,24 @@ class StoreRows:
 
 class WindowBatches:
     """The out-of-core batches of an epoch: (x [B, D], y [B], mask [B]) on the device, the last
-    one padded (mask 0), in the two-level shuffled order described above."""
+    one padded (mask 0), in the two-level shuffled order described above (a
+    `head.BatchSource` that draws its own order)."""
+
+    own_order, sharded = True, False
 
     def __init__(self, rows: StoreRows, batch_size: int, device: torch.device, *,
                  buffer_bytes: int, seed: int, side_name: str | None = None):
-        self.rows, self.batch_size, self.device = rows, batch_size, device
+        self.source, self.batch_size, self.device = rows, batch_size, device
+        self.rows = len(rows)
         self.steps = -(-len(rows) // batch_size)
         # the window is held twice while it is assembled, and READ_AHEAD chunks are in flight
         self.window = max(1, (buffer_bytes // max(rows.chunk_bytes, 1) - READ_AHEAD) // 2)
         if buffer_bytes < (2 * self.window + READ_AHEAD) * rows.chunk_bytes:
-            log.warning("--stream-buffer %.0f MB holds fewer than %d chunks of %.1f MB: out of "
-                        "core takes %.0f MB; a smaller --chunk-rows in stage 1 fits the buffer",
+            log.warning("%s %.0f MB holds fewer than %d chunks of %.1f MB: out of core takes %.0f "
+                        "MB; a smaller %s in stage 1 fits the buffer", ref("train.stream_buffer"),
                         buffer_bytes / 2**20, 2 + READ_AHEAD, rows.chunk_bytes / 2**20,
-                        (2 * self.window + READ_AHEAD) * rows.chunk_bytes / 2**20)
+                        (2 * self.window + READ_AHEAD) * rows.chunk_bytes / 2**20,
+                        ref("extract.chunk_rows"))
         self.rng = np.random.default_rng(seed)
         self.full = torch.ones(batch_size, device=device)
         self.side_name = side_name if rows.side is not None else None
@@ -155,11 +156,11 @@ class WindowBatches:
         """The epoch's batches (`perm`, a device permutation, is not used: the order is drawn
         here, on the host, chunk by chunk). The side rows of each chunk (the holdout) go to
         `side(x, y)` as the chunk arrives, and never into a batch."""
-        order = self.rng.permutation(np.asarray(self.rows.chunks, dtype=np.int64)).tolist()
+        order = self.rng.permutation(np.asarray(self.source.chunks, dtype=np.int64)).tolist()
         carry: list[tuple[np.ndarray, np.ndarray]] = []
         window: list[tuple[np.ndarray, np.ndarray]] = []
-        for part in self.rows.chunks_in(order):
-            if self.rows.side is not None:
+        for part in self.source.chunks_in(order):
+            if self.source.side is not None:
                 x, y, flag = part
                 if side is not None and flag.any():
                     side(torch.from_numpy(x[flag]), torch.from_numpy(y[flag]))
@@ -201,7 +202,7 @@ class WindowBatches:
         if n == b:  # one gather, no padding
             return (torch.from_numpy(x[rows]).to(self.device),
                     torch.from_numpy(y[rows]).to(self.device), self.full)
-        bx = torch.zeros(b, x.shape[1], dtype=self.rows.dtype)
+        bx = torch.zeros(b, x.shape[1], dtype=self.source.dtype)
         bx[:n] = torch.from_numpy(x[rows])
         by = torch.zeros(b, dtype=torch.long)
         by[:n] = torch.from_numpy(y[rows])

@@ -85,7 +85,7 @@ def test_a_user_error_stops_every_rank_with_one_line(tmp_path, bigger_tree, ckpt
                                                             "0"))
     assert early.returncode != 0
     assert [line for line in ours(early.stderr) if line.startswith("error: ")] == [
-        "error: --batch-size and --chunk-rows must be at least 1"]
+        "error: --batch-size 0: must be at least 1"]
 
 
 def test_ranks_share_their_job_s_lock_and_another_job_is_refused(tmp_path, bigger_tree, ckpt):

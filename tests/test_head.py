@@ -43,7 +43,7 @@ def state_for(train, cfg, batches, device=CPU):
 def test_batches_have_one_shape_and_the_step_never_syncs(stream):
     train = features()
     cfg = H.TrainConfig(lrs=[0.1, 0.3], wds=[0.0, 1e-3], epochs=1, batch_size=32,
-                        label_smoothing=0.1)
+                        warmup_epochs=1.0, label_smoothing=0.1)
     batches = H.Batches(train, 32, torch.device("cpu"), stream)
     assert batches.steps == 7 and batches.streamed is stream
     state = state_for(train, cfg, batches)
@@ -92,7 +92,8 @@ def test_step_replays_in_a_cuda_graph_as_it_runs_eagerly():
     dev = torch.device("cuda")
     host = features(n=1000, d=64)
     train = H.Features(host.x.to(dev), host.y.to(dev))
-    cfg = H.TrainConfig(lrs=[0.1, 0.3], wds=[0.0, 1e-4], epochs=2, batch_size=64)
+    cfg = H.TrainConfig(lrs=[0.1, 0.3], wds=[0.0, 1e-4], epochs=2, batch_size=64,
+                        warmup_epochs=1.0)
     batches = H.Batches(train, 64, dev)
     eager = state_for(train, cfg, batches, dev)
     graphed = state_for(train, cfg, batches, dev)
@@ -127,7 +128,8 @@ def test_step_replays_in_a_cuda_graph_as_it_runs_eagerly():
 def test_streamed_equals_resident_on_cuda():
     dev = torch.device("cuda")
     host = features(n=3000, d=64)
-    cfg = H.TrainConfig(lrs=[0.1, 0.3], wds=[0.0, 1e-4], epochs=2, batch_size=256)
+    cfg = H.TrainConfig(lrs=[0.1, 0.3], wds=[0.0, 1e-4], epochs=2, batch_size=256,
+                        warmup_epochs=1.0)
     resident = H.train_heads(H.Features(host.x.to(dev), host.y.to(dev)), cfg, num_classes=5,
                              device=dev)
     streamed = H.train_heads(host, cfg, num_classes=5, device=dev)

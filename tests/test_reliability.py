@@ -315,6 +315,27 @@ def test_a_file_replaced_before_the_resume_is_named(finished, tree, ckpt, capsys
     assert f"{files[5]}: modified in place" in line
 
 
+@pytest.mark.parametrize("pending", [True, False], ids=["resume", "finished"])
+def test_overwrite_extracts_changed_files_again(finished, tree, ckpt, capsys, pending):
+    """What the refusal and the warning say to do works: --overwrite makes the store anew from
+    the files as they are now (it used to be refused, or kept, again)."""
+    out, _ = finished
+    files = [D.file_name(f) for f in S.open_store(out)["train"]["files"][:]]
+    if pending:
+        (out / "train/chunk_done/c/2").unlink()  # as if killed before the last chunk
+    victim = tree / "train" / files[5]  # in chunk 1, done
+    victim.write_bytes((tree / "train" / files[0]).read_bytes())
+    capsys.readouterr()
+    assert extract_features.main(extract_args(ckpt, tree, out, "--overwrite")) == 0
+    err = capsys.readouterr().err
+    assert f"{files[5]}: " in err and "making the store anew" in err
+    assert extract_features.main(extract_args(ckpt, tree, out)) == 0
+    err = capsys.readouterr().err
+    assert "file(s) changed" not in err and "nothing to do" in err
+    x = S.open_store(out)["train"]["features"][:]
+    assert_same_image(x[5], x[0])  # file 5 now holds file 0's bytes
+
+
 def test_a_file_changed_under_a_chunk_not_yet_done_is_simply_extracted(finished, tree, ckpt,
                                                                         capsys, tmp_path):
     out, _ = finished

@@ -42,10 +42,11 @@ def test_store_rows_are_permuted_so_every_chunk_mixes_classes(chunked):
 
 def test_window_batches_cover_every_row_once_per_epoch(chunked):
     group = S.open_store(chunked)
+    store = S.FeatureStore(chunked, group)
     ok = group["train"]["ok"][:].astype(bool)
     mask = ok.copy()
     mask[::7] = False  # some rows held out
-    rows = StoreRows(group, "train", mask)
+    rows = StoreRows(store, "train", mask)
     assert len(rows) == int(mask.sum())
     chunk_bytes = rows.chunk_bytes
     batches = WindowBatches(rows, 50, torch.device("cpu"), buffer_bytes=8 * chunk_bytes, seed=0)
@@ -100,8 +101,9 @@ def test_out_of_core_evaluates_like_in_memory(chunked):
     """Statistics, evaluation and the old-head diagnosis read the store chunk by chunk and give
     what the rows in memory give."""
     group = S.open_store(chunked)
+    store = S.FeatureStore(chunked, group)
     ok = group["train"]["ok"][:].astype(bool)
-    rows = StoreRows(group, "train", ok)
+    rows = StoreRows(store, "train", ok)
     mem, _ = rows.load()
     dev = torch.device("cpu")
     for a, b in zip(H.feature_stats(rows, dev), H.feature_stats(mem.x, dev), strict=True):
@@ -126,19 +128,21 @@ def test_holdout_scored_in_the_training_pass_equals_its_own_pass(chunked):
     """Out of core, the holdout rows are scored as their chunks pass by in the next epoch (the
     store is read once per epoch): the same numbers as scoring them in a pass of their own."""
     group = S.open_store(chunked)
+    store = S.FeatureStore(chunked, group)
     ok = group["train"]["ok"][:].astype(bool)
     labels = group["train"]["labels"][:]
     hold = H.holdout_split(np.where(ok, labels, -1), 0.1, 0) & ok
     train = ok & ~hold
-    cfg = H.TrainConfig(lrs=[0.03, 0.3], wds=[0.0], epochs=3, batch_size=64, seed=0)
+    cfg = H.TrainConfig(lrs=[0.03, 0.3], wds=[0.0], epochs=3, batch_size=64,
+                        warmup_epochs=1.0, seed=0)
     dev = torch.device("cpu")
     runs = []
     for side in (hold, None):
-        src = StoreRows(group, "train", train, side=side)
+        src = StoreRows(store, "train", train, side=side)
         batches = WindowBatches(src, 64, dev, buffer_bytes=10 * src.chunk_bytes, seed=0,
                                 side_name="holdout")
-        runs.append(H.train_heads(StoreRows(group, "train", train), cfg, num_classes=10,
-                                  device=dev, evals={"holdout": StoreRows(group, "train", hold)},
+        runs.append(H.train_heads(StoreRows(store, "train", train), cfg, num_classes=10,
+                                  device=dev, evals={"holdout": StoreRows(store, "train", hold)},
                                   batches=batches))
     fused, separate = runs
     assert torch.equal(fused.weight, separate.weight)  # the same batches either way
@@ -152,11 +156,12 @@ def test_holdout_scored_in_the_training_pass_equals_its_own_pass(chunked):
 
 def test_one_pass_loads_train_and_holdout_as_two_passes_would(chunked):
     group = S.open_store(chunked)
+    store = S.FeatureStore(chunked, group)
     ok = group["train"]["ok"][:].astype(bool)
     hold = H.holdout_split(np.where(ok, group["train"]["labels"][:], -1), 0.1, 0) & ok
-    train, held = StoreRows(group, "train", ok & ~hold, side=hold).load()
-    alone, _ = StoreRows(group, "train", ok & ~hold).load()
-    held_alone, _ = StoreRows(group, "train", hold).load()
+    train, held = StoreRows(store, "train", ok & ~hold, side=hold).load()
+    alone, _ = StoreRows(store, "train", ok & ~hold).load()
+    held_alone, _ = StoreRows(store, "train", hold).load()
     assert torch.equal(train.x, alone.x) and torch.equal(train.y, alone.y)
     assert torch.equal(held.x, held_alone.x) and torch.equal(held.y, held_alone.y)
     assert len(held) == int(hold.sum()) > 0

@@ -104,7 +104,7 @@ def test_real_image_features_match_logistic_regression(tmp_path, digits, capsys)
 def test_each_grid_point_equals_its_solo_run(tmp_path, digits):
     xt, yt = split_arrays(digits["store"], "train")
     train = H.Features(torch.from_numpy(xt), torch.from_numpy(yt.astype(np.int64)))
-    cfg = dict(epochs=3, batch_size=64, seed=3)
+    cfg = dict(epochs=3, batch_size=64, warmup_epochs=1.0, seed=3)
     grid = H.train_heads(train, H.TrainConfig(lrs=[0.01, 0.1], wds=[0.0, 1e-3], **cfg),
                          num_classes=10, device=torch.device("cpu"))
     for i, (lr, wd) in enumerate([(0.01, 0.0), (0.01, 1e-3), (0.1, 0.0), (0.1, 1e-3)]):
@@ -123,8 +123,8 @@ def test_matches_torch_sgd(tmp_path):
     """The hand-written update is torch.optim.SGD(momentum, weight_decay) on mean CE."""
     x, y, _ = separable(n_per_class=10, classes=3, dim=5)
     xt, yt = torch.from_numpy(x["train"]), torch.from_numpy(y["train"].astype(np.int64))
-    cfg = H.TrainConfig(lrs=[0.05], wds=[0.01], epochs=2, batch_size=8, seed=0,
-                        label_smoothing=0.1, standardize=False)
+    cfg = H.TrainConfig(lrs=[0.05], wds=[0.01], epochs=2, batch_size=8, warmup_epochs=1.0,
+                        seed=0, label_smoothing=0.1, standardize=False)
     ours = H.train_heads(H.Features(xt, yt), cfg, num_classes=3, device=torch.device("cpu"))
     layer = torch.nn.Linear(5, 3)
     torch.nn.init.zeros_(layer.weight)
@@ -206,7 +206,8 @@ def test_standardised_training_folds_back_exactly():
     raw_w, raw_b = H.fold(w, b, mu, sigma)
     torch.testing.assert_close(H.logits_of(xt, raw_w, raw_b),
                                H.logits_of((xt - mu) / sigma, w, b), rtol=1e-4, atol=1e-3)
-    res = H.train_heads(feats, H.TrainConfig(lrs=[0.1], wds=[0.0], epochs=5, batch_size=16),
+    res = H.train_heads(feats, H.TrainConfig(lrs=[0.1], wds=[0.0], epochs=5, batch_size=16,
+                                             warmup_epochs=1.0),
                         num_classes=3, device=torch.device("cpu"))
     assert H.evaluate(feats, res.weight, res.bias, device=torch.device("cpu"))[0]["top1"] == 1.0
 
