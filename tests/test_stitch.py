@@ -205,6 +205,23 @@ def test_verify_data_decodes_as_stage1_did_in_batches_with_progress(tmp_path, tr
     assert progress and progress[-1].startswith(f"verify: {n:,}/{n:,} images")
 
 
+def test_verify_data_needs_nothing_from_the_store(tmp_path, tree, capsys):
+    """The head file says how stage 1 read the images: the store may be gone by stage 3."""
+    _, ckpt, store, head_path = run_stages(tmp_path, tree, decoder="pil")
+    shutil.rmtree(store)
+    out = tmp_path / "fixed.pth"
+    capsys.readouterr()
+    assert stitch_checkpoint.main(["--checkpoint", str(ckpt), "--head", str(head_path), "--out",
+                                   str(out), "--verify-data", str(tree), "--device", "cpu"]) == 0
+    line = [ln for ln in capsys.readouterr().err.splitlines()
+            if ln.startswith("verify: the fixed")][0]
+    head = torch.load(head_path, weights_only=True)
+    assert head["store"]["preprocessing"]["crop"] == 32 and head["store"]["decoder"] == "pil"
+    assert "pil decoder" in line
+    e2e = float(line.split("top-1 ")[1].split("%")[0])
+    assert abs(e2e - 100 * head["metrics"]["val_top1"]) <= 0.1, line
+
+
 def test_verify_data_refusals_come_before_any_write(tmp_path, tree, capsys):
     _, ckpt, _, head_path = run_stages(tmp_path, tree, epochs="1")
     out = tmp_path / "fixed.pth"
