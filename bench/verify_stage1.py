@@ -70,7 +70,7 @@ def main() -> int:
     prepared = prepare_model(loaded, None)
     backbone = prepared.backbone
     head = torch.nn.Linear(prepared.feature_dim, prepared.num_classes)
-    head.load_state_dict({k: loaded.state_dict[f"{prepared.head_name}.{k}"]
+    head.load_state_dict({k: loaded.state_dict[f"{prepared.head_layer}.{k}"]
                           for k in ("weight", "bias")})
     pre, _ = default_preprocess(prepared.arch, loaded.args)
 

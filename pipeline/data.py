@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import DataError, ref
+from .errors import DataError, ref, render
 from .imagefile import pil_decode, read_bytes, sniff  # noqa: F401 - re-exported
 from .models import Preprocess
 
@@ -268,7 +268,8 @@ def resolve_class_order(
     if checkpoint_classes is not None and checkpoint_classes != classes:
         notes.append(_diff_text("the checkpoint's own class mapping", checkpoint_classes, source,
                                 classes))
-    return ClassOrder(classes, source, notes, names)
+    # kept in the store's attributes too: plain text, in the scripts' flags
+    return ClassOrder(classes, source, [render(n) for n in notes], names)
 
 
 def _diff_text(a_name: str, a: list[str], b_name: str, b: list[str]) -> str:

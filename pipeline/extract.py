@@ -571,7 +571,7 @@ def _open_or_create(job: Job, *, rank: int, held: contextlib.ExitStack | None
             S.open_store(out)  # says what is wrong, and that --overwrite makes it anew
         log.warning("%s had lost its root metadata (zarr.json); its splits record these "
                     "inputs, so it was written again from them", out)
-    if S.is_store(out):
+    if S.is_store(out) and _current_layout(out, overwrite):
         store = S.FeatureStore.open(out, mode="r+")
         if store.components == job.components:
             # by hand, the other ranks' jobs leave the checks to rank 0's
@@ -584,6 +584,19 @@ def _open_or_create(job: Job, *, rank: int, held: contextlib.ExitStack | None
         return _wait_for_store(out, job.components)
     out.parent.mkdir(parents=True, exist_ok=True)
     return S.FeatureStore(out, S.create_store(out, fingerprint=job.components, **job.spec))
+
+
+def _current_layout(out: Path, overwrite: bool) -> bool:
+    """A store of this tool's layout version; one of another is refused (naming --overwrite),
+    or with --overwrite replaced."""
+    try:
+        S.open_store(out)
+    except StoreError as exc:
+        if not overwrite:
+            raise
+        log.warning("replacing %s: %s", out, exc.raw)
+        return False
+    return True
 
 
 def _replacing(out: Path, diffs: list[str], overwrite: bool) -> None:
@@ -646,7 +659,7 @@ def _changes_allowed(split: str, count: int, examples: list[str], job: Job,
     what = (f"{split}: {count} file(s) changed since {job.out} was started "
             f"({'; '.join(examples)}{'; ...' if count > len(examples) else ''})")
     if job.settings.overwrite:
-        log.warning("%s; making the store anew (%s)", what, X.ref("overwrite"))
+        log.warning("%s; making the store anew", what)
         return False
     if pending:
         raise StoreError(f"{what}; finishing the store would mix features of the old and the "

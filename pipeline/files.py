@@ -155,6 +155,9 @@ def resolve_device(name: str) -> torch.device:
                         f"use {ref('device', 'cpu')}")
     local = os.environ.get("LOCAL_RANK", "0")
     index = int(local) if local.isdigit() else 0
+    # cuBLAS needs this for bit-identical reruns of stage 2, set before its first use, which in
+    # quickfix-labels can be stage 1's
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     count = torch.cuda.device_count()
     if index >= count:
         raise DataError(f"LOCAL_RANK={index} but this machine has {count} CUDA device(s): "

@@ -46,7 +46,9 @@ NAMES = {"cmd.extract": "quickfix-labels", "cmd.train": "quickfix-labels",
          "extract.data_root": "--data-root", "extract.out": "--features",
          "train.features": "--features", "train.out": "--checkpoint-dir",
          "stitch.head_file": "--checkpoint-dir", "stitch.out": "--checkpoint-dir",
-         "stitch.verify_data": "--verify-data"}
+         "stitch.verify_data": "--verify-data",
+         # the store is this command's own: a stage 1 run of it replaces it when it must
+         "extract.overwrite": "--force"}
 
 
 def build_command() -> Command:
@@ -70,7 +72,8 @@ def build_command() -> Command:
                         "validation/ under --data-root) and report its top-1")
     parser.add_argument("--force", action="store_true",
                         help="run every stage even if nothing changed (stage 1 then checks "
-                        "its store and resumes or keeps it, as a rerun does)")
+                        "its store and resumes it, keeps it, or makes it anew when files under "
+                        "it changed)")
     # the stages' own flags, but what this command sets itself; --batch-size is the head's
     cmd.add(ExtractSettings, skip=SET_HERE["extract"],
             rename={"batch_size": ("--extract-batch-size",)})

@@ -36,7 +36,7 @@ def option(default: Any = MISSING, *, help: str, output: bool = True, flags: Seq
     """A setting. `output`: it changes what the stage makes (else only how it runs); `flags`:
     its flag and aliases (default: from its name); `shared`: one flag and one value for every
     stage a command runs (--device); `cli=False`: set by the program, never a flag. The flag's
-    type comes from the field's annotation (bool: a --x/--no-x switch; a tuple: one or more
+    type comes from the field's annotation (bool: a --x/--no-x switch; a list: one or more
     values); `argparse_kwargs` adds what the annotation cannot say (choices, metavar)."""
     meta = {"help": help, "output": output, "flags": tuple(flags), "shared": shared, "cli": cli,
             "argparse": argparse_kwargs}
@@ -147,7 +147,8 @@ class ExtractSettings(StageSettings):
     data_root: Path = option(help="ImageFolder tree: DATA_ROOT/<split>/<class>/<image>")
     out: Path = option(help="the feature store to write")
     overwrite: bool = option(False, output=False,
-                             help="replace a store that was made from other inputs")
+                             help="replace a store made from other inputs, from files that "
+                             "changed since, or by another version of this tool")
     splits: list[str] | None = option(None, metavar="SPLIT",
                                             help="split folders to extract (default: those "
                                             "present of train, val, validation, test)")

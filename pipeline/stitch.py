@@ -41,7 +41,7 @@ from .checkpoint import (
     load_safetensors,
     torch_load,
 )
-from .errors import CheckpointError, DataError, ref
+from .errors import CheckpointError, DataError, ref, render
 from .files import atomic_write, resolve_device
 from .headfile import HeadRecord
 from .models import Preprocess, build_model, head_out_features
@@ -149,8 +149,12 @@ def stitch(settings: StitchSettings, head: HeadRecord) -> StitchSummary:
         sd = dict(_get(new, c.path))
         sd.update(changes.tensors(sd, c, settings.checkpoint))
         new = _set(new, c.path, sd)
-    record = _provenance(settings, head, ckpt, notices)
-    new, metadata = _with_class_order(new, ckpt, head, changes, record, settings.out, notices)
+    new, metadata = _with_class_order(new, ckpt, head, changes, settings.out, notices)
+    record = _provenance(settings, head, ckpt, notices)  # with every notice
+    if metadata is not None:
+        metadata["quickfix"] = json.dumps(record, default=str)
+    elif not is_state_dict(ckpt.raw):
+        new["quickfix"] = record
     for note in notices:
         log.warning("stitch: %s", note)
     _save_verified(new, settings.out, ckpt, changes, settings.trust_checkpoint, metadata)
@@ -200,24 +204,21 @@ def _provenance(settings: StitchSettings, head: HeadRecord, ckpt: Checkpoint,
         "store": {"path": src.path, "fingerprint": src.fingerprint,
                   "backbone_sha256": src.backbone_sha256, "ema": src.ema},
         "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "notices": notices,
+        "notices": [render(n) for n in notices],  # the file keeps plain text
     }
 
 
 def _with_class_order(new: dict, ckpt: Checkpoint, head: HeadRecord, changes: Changes,
-                      record: dict, out: Path, notices: list[str]
-                      ) -> tuple[dict, dict[str, str] | None]:
-    """The correct class order (and the provenance record) where the file's format keeps it:
-    a safetensors file's metadata (returned, for the writer), a training-script checkpoint's
-    `id_to_class`/`class_to_idx` (with the old head's optimizer state dropped); a bare state
-    dict has no place for it."""
+                      out: Path, notices: list[str]) -> tuple[dict, dict[str, str] | None]:
+    """The correct class order where the file's format keeps it: a safetensors file's metadata
+    (returned, for the writer), a training-script checkpoint's `id_to_class`/`class_to_idx`
+    (with the old head's optimizer state dropped); a bare state dict has no place for it."""
     classes, names = head.classes, head.names
     if ckpt.format == SAFETENSORS:
         if out.suffix != ".safetensors":
             notices.append(f"the input is a safetensors file, so {out.name} is one too")
         return new, {**ckpt.metadata, "id_to_class": json.dumps(_ordered_entries(
-            _metadata_mapping(ckpt.metadata), classes, names)),
-            "quickfix": json.dumps(record, default=str)}
+            _metadata_mapping(ckpt.metadata), classes, names))}
     if is_state_dict(ckpt.raw):
         notices.append("the checkpoint is a bare state dict, so the class order cannot go "
                        "inside it: it is in the head file's `classes`")
@@ -226,7 +227,6 @@ def _with_class_order(new: dict, ckpt: Checkpoint, head: HeadRecord, changes: Ch
     new, dropped = _drop_head_optimizer_state(new, ckpt, head.source.head_layer, changes.names(),
                                               head.source.arch)
     notices += dropped
-    new["quickfix"] = record
     return new, None
 
 

@@ -24,7 +24,7 @@ import torch
 
 from .errors import StoreError, ref
 from .head import Features
-from .store import REPAIR, FeatureStore
+from .store import EXTRACT, FeatureStore
 
 log = logging.getLogger("quickfix")
 
@@ -80,7 +80,9 @@ class StoreRows:
         keep = self.mask[lo:lo + len(x)]
         if not np.isfinite(x[keep]).all():
             raise StoreError(f"the feature store {self.store.path} holds non-finite features in "
-                             f"{self.split} chunk {chunk} (rows marked usable): {REPAIR}")
+                             f"{self.split} chunk {chunk} (rows marked usable): rerun {EXTRACT} "
+                             f"with the same arguments and {ref('extract.verify')} to find and "
+                             "recompute them")
         part = (x[keep], self.labels[lo:lo + len(x)][keep].astype(np.int64))
         if self.side is None:
             return part

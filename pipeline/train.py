@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from . import dist as Dist
 from . import head as H
 from . import store as S
 from .checkpoint import backbone_digest, load_checkpoint
-from .errors import DataError, StoreError, ref
+from .errors import DataError, StoreError, ref, render
 from .files import resolve_device
 from .headfile import HeadRecord, Source
 from .provenance import run_record
@@ -59,8 +58,10 @@ class Verdict:
     message: str | None = None  # why, for a verdict other than "ok"
 
     def as_dict(self) -> dict:
+        """As head.pt keeps it (and the fixed checkpoint's record): plain text."""
         return {"backbone": self.backbone, "recorded_top1": self.recorded_top1,
-                "recorded_key": self.recorded_key, "backbone_message": self.message}
+                "recorded_key": self.recorded_key,
+                "backbone_message": render(self.message) if self.message else None}
 
 
 def judge_backbone(chosen: dict, rows: dict[str, np.ndarray],
@@ -207,9 +208,6 @@ def resolve(settings: TrainSettings, grp: Dist.Group) -> Runtime:
         raise DataError(f"{T.ref('stream_from_store')} runs in one process; under torchrun each "
                         "rank holds its share of the rows in memory: add ranks until it fits")
     dev = resolve_device(settings.device)
-    if dev.type == "cuda":
-        # cuBLAS needs this for bit-identical reruns (set before its first use)
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     config = H.TrainConfig(lrs=settings.lrs, wds=settings.wds, epochs=settings.epochs,
                            batch_size=settings.batch_size,
                            label_smoothing=settings.label_smoothing,

@@ -479,3 +479,23 @@ def test_an_out_below_a_file_is_one_line(tmp_path, tree, ckpt, capsys):
     assert extract_features.main(extract_args(ckpt, tree, out)) == 2
     (line,) = errors(capsys)
     assert "a part of the path is a file, not a folder" in line
+
+
+def test_a_store_of_another_layout_version_is_refused_then_replaced(finished, tree, ckpt,
+                                                                     capsys):
+    """A store written by an older version: refused in one line naming --overwrite, which
+    replaces it (it used to be refused again: the version was checked before --overwrite)."""
+    import json
+
+    out, _ = finished
+    meta = json.loads((out / "zarr.json").read_text())
+    meta["attributes"]["format_version"] = 1
+    (out / "zarr.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert extract_features.main(extract_args(ckpt, tree, out)) == 2
+    (line,) = errors(capsys)
+    assert "has layout version 1" in line and "extract_features.py with --overwrite" in line
+    assert extract_features.main(extract_args(ckpt, tree, out, "--overwrite")) == 0
+    assert "replacing" in capsys.readouterr().err
+    assert S.open_store(out).attrs["format_version"] == S.FORMAT_VERSION
+    assert not S.check_store(S.open_store(out))

@@ -107,3 +107,44 @@ def test_a_stage_s_message_names_the_flag_of_the_command_that_ran_it(tmp_path, t
     assert f"error: --features {folder} exists and is not a feature store" in err
     assert "choose another --features" in err and "--out" not in err
     assert "\x1e" not in err and "\x1f" not in err  # no reference left unrendered
+
+
+def test_what_the_stages_write_holds_plain_text(tmp_path, photos, capsys):
+    """Messages kept as data (the store's class audit, head.pt's verdict, the fixed checkpoint's
+    record) are written with the flags spelt out, never as references."""
+    import json
+
+    import torch
+
+    from .conftest import make_model, make_tree, training_checkpoint
+
+    tree = make_tree(tmp_path / "data", photos, per_class=(4, 0), classes=("c10", "c2", "c3"))
+    ckpt = tmp_path / "checkpoint_best.pth"
+    torch.save(training_checkpoint(make_model(), "resnet18"), ckpt)
+    fixed = tmp_path / "fx"
+    assert F.main(["--resume", str(ckpt), "--data-root", str(tree), "--checkpoint-dir",
+                   str(fixed), "--splits", "train", "--holdout-fraction", "0", "--lr", "0.1",
+                   "--weight-decay", "0", "--fix-epochs", "1", "--resize", "40", "--crop", "32",
+                   "--decoder", "pil", "--num-threads", "2"]) == 0
+    audit = json.loads((fixed / "features.zarr" / "zarr.json").read_text())["attributes"]
+    assert any("pass it as --class-order" in w for w in audit["class_audit"]["warnings"])
+    head = torch.load(fixed / "head.pt", weights_only=True)
+    assert "(--holdout-fraction 0 and no val/" in head["diagnosis"]["backbone_message"]
+    record = torch.load(fixed / "checkpoint_best.pth", weights_only=False)["quickfix"]
+    assert record["head"]["diagnosis"]["backbone_message"].startswith("no holdout")
+
+    def texts(value):
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                yield from texts(k)
+                yield from texts(v)
+        elif isinstance(value, list | tuple):
+            for v in value:
+                yield from texts(v)
+
+    written = [head, record, *(json.loads(p.read_text()) for p in fixed.rglob("zarr.json")),
+               *(p.read_text() for p in fixed.glob("*.jsonl")), (fixed / F.STATE).read_text()]
+    assert not [t for t in texts(written) if "\x1e" in t or "\x1f" in t]
+    assert "\x1e" not in capsys.readouterr().err
