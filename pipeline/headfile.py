@@ -70,8 +70,7 @@ class Source:
     @classmethod
     def from_dict(cls, d: dict) -> Source:
         p = d.get("preprocessing")
-        pre = None if p is None else Preprocess(p["resize"], p["crop"], p["interpolation"],
-                                                tuple(p["mean"]), tuple(p["std"]))
+        pre = Preprocess.from_dict(p) if p is not None else None
         return cls(path=d["path"], fingerprint=d["fingerprint"],
                    backbone_sha256=d["backbone_sha256"], arch=d["arch"], head_layer=d["head"],
                    other_heads=dict(d.get("other_heads") or {}), ema=bool(d.get("ema", False)),

@@ -53,6 +53,12 @@ class Preprocess:
     def as_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
+    @classmethod
+    def from_dict(cls, d: Mapping) -> Preprocess:
+        """The inverse of `as_dict` (as a store's fingerprint and a head file keep it)."""
+        return cls(d["resize"], d["crop"], d["interpolation"], tuple(d["mean"]),
+                   tuple(d["std"]))
+
 
 TIMM = "timm:"
 

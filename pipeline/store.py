@@ -205,10 +205,7 @@ class FeatureStore:
     @property
     def preprocessing(self) -> Preprocess | None:
         p = self.components.get("preprocessing")
-        if p is None:
-            return None
-        return Preprocess(p["resize"], p["crop"], p["interpolation"], tuple(p["mean"]),
-                          tuple(p["std"]))
+        return Preprocess.from_dict(p) if p is not None else None
 
     @property
     def decoder(self) -> str | None:
@@ -223,9 +220,6 @@ class FeatureStore:
 
     def chunk_rows(self, split: str) -> int:
         return int(self.group[split].attrs["chunk_rows"])
-
-    def num_samples(self, split: str) -> int:
-        return int(self.group[split].attrs["num_samples"])
 
     def dtype(self, split: str) -> np.dtype:
         return self.group[split]["features"].dtype
