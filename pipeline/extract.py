@@ -571,8 +571,8 @@ def _open_or_create(job: Job, *, rank: int, held: contextlib.ExitStack | None
             S.open_store(out)  # says what is wrong, and that --overwrite makes it anew
         log.warning("%s had lost its root metadata (zarr.json); its splits record these "
                     "inputs, so it was written again from them", out)
-    if S.is_store(out) and _current_layout(out, overwrite):
-        store = S.FeatureStore.open(out, mode="r+")
+    store = _open_current(out, overwrite) if S.is_store(out) else None
+    if store is not None:
         if store.components == job.components:
             # by hand, the other ranks' jobs leave the checks to rank 0's
             if rank != 0 or _prove(store, job):
@@ -586,17 +586,16 @@ def _open_or_create(job: Job, *, rank: int, held: contextlib.ExitStack | None
     return S.FeatureStore(out, S.create_store(out, fingerprint=job.components, **job.spec))
 
 
-def _current_layout(out: Path, overwrite: bool) -> bool:
-    """A store of this tool's layout version; one of another is refused (naming --overwrite),
-    or with --overwrite replaced."""
+def _open_current(out: Path, overwrite: bool) -> S.FeatureStore | None:
+    """The store at `out`, of this tool's layout version; one of another is refused (naming
+    --overwrite), or with --overwrite left to be replaced (None)."""
     try:
-        S.open_store(out)
+        return S.FeatureStore.open(out, mode="r+")
     except StoreError as exc:
         if not overwrite:
             raise
         log.warning("replacing %s: %s", out, exc.raw)
-        return False
-    return True
+        return None
 
 
 def _replacing(out: Path, diffs: list[str], overwrite: bool) -> None:
