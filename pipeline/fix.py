@@ -194,7 +194,6 @@ def _check_paths(args: argparse.Namespace, plan: Plan) -> None:
 
 def fix(args: argparse.Namespace, argv: list[str] | None) -> int:
     from .extract import run_extract
-    from .stitch import run_stitch
     from .train import run_train
 
     def job(grp: dist.Group) -> Path:
@@ -220,7 +219,7 @@ def fix(args: argparse.Namespace, argv: list[str] | None) -> int:
                                 "1 --verify, then training again", exc.raw)
                 _run(grp, plan, "extract", lambda: extract(verify=True))
                 _run(grp, plan, "train", train)
-            _stage(grp, plan, "stitch", lambda: _stitch(run_stitch, plan), only_rank0=True)
+            _stage(grp, plan, "stitch", lambda: _stitch(plan), only_rank0=True)
         return plan.out
 
     grp, out = in_job(train_backend(args.device), job)  # one process group for the whole job
@@ -266,7 +265,9 @@ def _run(grp: dist.Group, plan: Plan, stage: str, fn, key: dict | None = None, *
     grp.agree(lambda: plan.record(stage, key), only_rank0=True)
 
 
-def _stitch(run_stitch, plan: Plan) -> None:
+def _stitch(plan: Plan) -> None:
+    from .stitch import run_stitch
+
     if plan.verify_data is None and plan.args.verify_data:
         log.info("no val/ split under %s: the fixed model is not checked end to end",
                  plan.args.data_root)
