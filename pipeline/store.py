@@ -279,6 +279,7 @@ def create_store(path: Path, *, classes: list[str], splits: Sequence[SplitSpec],
                     fingerprint=fingerprint, record=record, extra_attrs=extra_attrs)
         _fsync_tree(tmp)
     except BaseException:
+        _settle_writes()
         shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves nothing half-made
         raise
     if path.exists():
@@ -289,6 +290,26 @@ def create_store(path: Path, *, classes: list[str], splits: Sequence[SplitSpec],
     else:
         os.replace(tmp, path)
     return zarr.open_group(str(path), mode="r+")
+
+
+def _settle_writes(timeout: float = 60.0) -> None:
+    """Wait for zarr's writes still in flight. zarr writes a group's or an array's keys
+    concurrently on its own event loop; when one fails (a full disk), the error comes back at
+    once while the others go on, and one of them could create a file after the cleanup (seen:
+    a parent group's zarr.json, rewritten as a child group was made)."""
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    async def drain() -> None:
+        me = asyncio.current_task()
+        await asyncio.gather(*(t for t in asyncio.all_tasks() if t is not me),
+                             return_exceptions=True)
+
+    try:
+        sync(drain(), timeout=timeout)
+    except Exception:  # noqa: BLE001 - the cleanup goes on regardless
+        pass
 
 
 def _write_root(root: zarr.Group, *, classes: Sequence[str], splits: Sequence[str],
