@@ -6,6 +6,7 @@ Every sample is addressed by its index in an explicit, sorted file list. What a 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -169,6 +170,21 @@ def scan_split(name: str, split_root: Path, classes: Sequence[str]) -> Split:
         raise DataError(f"split {name}: no image files under {split_root}")
     return Split(name, split_root, files, np.asarray(labels, dtype=np.int32),
                  np.asarray(stats, dtype=np.int64).reshape(-1, 2))
+
+
+def sample_per_class(split: Split, k: int) -> Split:
+    """The first `k` files of each class in a fixed per-class order (a hash of each file's
+    name): a class-stratified sample, the same on every run and rank, and nested: the sample
+    of k + 1 holds the sample of k. A class with fewer than `k` files gives them all."""
+    rank = np.asarray([hashlib.sha256(os.fsencode(f)).digest()[:8] for f in split.files],
+                      dtype="S8")
+    keep = np.zeros(len(split.files), dtype=bool)
+    for cls in np.unique(split.labels):
+        rows = np.flatnonzero(split.labels == cls)
+        keep[rows[np.argsort(rank[rows], kind="stable")[:k]]] = True
+    idx = np.flatnonzero(keep)
+    stats = split.stats[idx] if split.stats is not None else None
+    return Split(split.name, split.root, [split.files[i] for i in idx], split.labels[idx], stats)
 
 
 # File names are kept as the file system gives them (os.fsdecode: bytes that are not UTF-8

@@ -8,9 +8,10 @@ few broken files mixed in. A torchvision ResNet-18 is trained on them the way a 
 `ImageFolder` does it: classes sorted by folder *name* (eight, five, four, ...), not the
 dataset's own order (zero, one, two, ...). That is the bug this project repairs.
 
-The demo then runs the three stages with `quickfix-labels`, with the correct class order, and
-prints val top-1 end to end on the val images before and after the fix, beside a reference model
-trained with the correct order from the start, and where the fixed checkpoint is.
+The demo then runs `quickfix-labels` with the correct class order (its triage finds the head a
+permutation from a few images per class and fixes it without training), and prints val top-1
+end to end on the val images before and after the fix, beside a reference model trained with
+the correct order from the start, and where the fixed checkpoint is.
 """
 
 from __future__ import annotations
@@ -169,9 +170,18 @@ def report(data: Path, buggy: Path, fixed: Path, reference: Path, head_path: Pat
     diag = head.diagnosis
     recorded = diag.get("recorded_top1")
     recorded = f"{recorded:.1%}" if recorded is not None else "nothing"
-    print(f"(the old head was a permutation of the right one: {diag['is_permutation']}, "
-          f"{diag['classes_moved']} classes moved; the backbone is judged {diag['backbone']}: "
-          f"the checkpoint records top-1 {recorded})", file=sys.stderr)
+    relabel = diag.get("relabel")
+    if relabel:
+        named = f" ({relabel['named']})" if relabel.get("named") else ""
+        print(f"(triage: the old head was a {relabel['kind']} of the right one{named}, "
+              f"{diag['classes_moved']} classes moved, fixed without training from "
+              f"{sum(relabel['images'].values())} images; the checkpoint records top-1 "
+              f"{recorded})", file=sys.stderr)
+    else:
+        print(f"(the old head was a permutation of the right one: {diag['is_permutation']}, "
+              f"{diag['classes_moved']} classes moved; the backbone is judged "
+              f"{diag.get('backbone', 'unknown')}: the checkpoint records top-1 {recorded})",
+              file=sys.stderr)
     print(f"fixed checkpoint: {fixed}", file=sys.stderr)
 
 

@@ -263,11 +263,13 @@ def prepare(settings: ExtractSettings, argv: Sequence[str] | None) -> Job:
     if settings.out.exists() and not S.is_store(settings.out):
         S.check_replaceable(settings.out)
     runtime = resolve_runtime(settings)
-    split_names = D.find_splits(settings.data_root, settings.splits)
+    sizes = settings.sample_sizes()
+    split_names = D.find_splits(settings.data_root, settings.splits if sizes is None or
+                                "*" in sizes else [s for s in sizes if s != "*"])
     ckpt, model, pre, pre_source = load_model(settings)
     order = resolve_order(settings, ckpt, model, split_names)
-    scanned = [D.store_order(D.scan_split(s, settings.data_root / s, order.classes))
-               for s in split_names]
+    scanned = [D.store_order(_sampled(D.scan_split(s, settings.data_root / s, order.classes),
+                                      sizes)) for s in split_names]
     components = fingerprint(settings, runtime, model, pre, order, scanned)
     spec = dict(
         classes=order.classes,
@@ -285,8 +287,20 @@ def prepare(settings: ExtractSettings, argv: Sequence[str] | None) -> Job:
                                     "classes": ckpt.classes, "layout": ckpt.layout,
                                     "weights": ckpt.source_key, "ema": ckpt.use_ema},
                      "class_audit": {"source": order.source, "warnings": order.warnings},
-                     "class_names": order.names})
+                     "class_names": order.names,
+                     **({"sample": {"per_class": sizes}} if sizes is not None else {})})
     return Job(settings, runtime, model, pre, scanned, components, spec)
+
+
+def _sampled(split: D.Split, sizes: dict[str, int] | None) -> D.Split:
+    """The split, or its class-stratified sample (--per-class)."""
+    if sizes is None:
+        return split
+    k = sizes.get(split.name, sizes.get("*"))
+    sample = D.sample_per_class(split, k)
+    log.info("split %s: a sample of %d image(s) per class: %d of %d", split.name, k,
+             len(sample.files), len(split.files))
+    return sample
 
 
 def resolve_runtime(settings: ExtractSettings) -> Runtime:

@@ -25,19 +25,21 @@ from pathlib import Path
 from . import data as D
 from . import dist
 from . import store as S
+from . import triage as T_
 from .cli import Command, in_job, log, train_backend
 from .errors import DataError, QuickFixError, StoreError
 from .files import atomic_write
 from .settings import ExtractSettings, StitchSettings, TrainSettings
 
 STATE = ".quickfix-labels.json"
+TRIAGE_MODES = ("auto", "only", "off")
 STAGES = ("extract", "train", "stitch")
 TITLES = {"extract": "stage 1 (extract_features)", "train": "stage 2 (train_head)",
           "stitch": "stage 3 (stitch_checkpoint)"}
 # The stages' settings this command sets itself (Plan): the paths, from its own flags above,
 # and replacing its own store and fixed checkpoint.
-SET_HERE = {"extract": ("checkpoint", "data_root", "out", "overwrite"),
-            "train": ("features", "out", "checkpoint"),
+SET_HERE = {"extract": ("checkpoint", "data_root", "out", "overwrite", "per_class"),
+            "train": ("features", "out", "checkpoint", "relabel"),
             "stitch": ("checkpoint", "head_file", "out", "overwrite", "verify_data")}
 # What the stages' messages call what this command names otherwise, or sets itself.
 NAMES = {"cmd.extract": "quickfix-labels", "cmd.train": "quickfix-labels",
@@ -67,9 +69,22 @@ def build_command() -> Command:
                         "command does")
     parser.add_argument("--features", type=Path,
                         help="the feature store (default: CHECKPOINT_DIR/features.zarr)")
-    parser.add_argument("--verify-data", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--verify-data", action=argparse.BooleanOptionalAction, default=None,
                         help="run the fixed model end to end on the val images (val/ or "
-                        "validation/ under --data-root) and report its top-1")
+                        "validation/ under --data-root) and report its top-1 (default: after "
+                        "training; a relabel is verified on the triage's own val sample)")
+    parser.add_argument("--triage", choices=TRIAGE_MODES, default="auto", help=(
+        "auto: decide from a class-stratified sample whether the old head is a relabel "
+        "(a permutation, an offset, a superset's rows, or its mapping only) and fix it without "
+        "training, else run the full pipeline; only: the relabel, or an error; off: the full "
+        "pipeline (stage 1 on every image, stages 2 and 3)"))
+    parser.add_argument("--train", dest="triage", action="store_const", const="off",
+                        help="the full pipeline, without a triage (--triage off)")
+    parser.add_argument("--triage-per-class", type=int, default=2, metavar="K", help=(
+        "the triage's first sample: K train and K val images of each class (doubled while "
+        "the decision is open)"))
+    parser.add_argument("--triage-max-per-class", type=int, default=32, metavar="K",
+                        help="the largest sample the triage grows to before it gives up")
     parser.add_argument("--force", action="store_true",
                         help="run every stage even if nothing changed (stage 1 then checks "
                         "its store and resumes it, keeps it, or makes it anew when files under "
@@ -120,13 +135,27 @@ class Plan:
                                              checkpoint=args.checkpoint)
         self.splits = D.find_splits(args.data_root, self.extract.splits)
         val = [s for s in ("val", "validation") if s in self.splits]
-        self.verify_data = args.data_root / val[0] if val and args.verify_data else None
+        self.val = val[0] if val else None
+        self.verify_data = args.data_root / val[0] if val and args.verify_data is not False \
+            else None
+        # the triage's sample store, and its report beside the fixed checkpoint
+        self.sample = self.dir / "triage" / "sample.zarr"
+        self.report = self.out.with_name(self.out.stem + ".triage.json")
+        if not 1 <= args.triage_per_class <= args.triage_max_per_class:
+            raise DataError(f"--triage-per-class {args.triage_per_class}: must be at least 1 "
+                            f"and at most --triage-max-per-class ({args.triage_max_per_class})")
+        self.relabel = self.train.replace(features=self.sample, relabel=True)
         self.stitch = StitchSettings.from_args(args, checkpoint=args.checkpoint,
                                                head_file=self.head, out=self.out,
                                                overwrite=True, verify_data=self.verify_data)
 
     def key(self, stage: str) -> dict:
         args = self.args
+        if stage == "triage":
+            return _jsonable({"extract": self.key("extract"),
+                              "relabel": {k: getattr(self.relabel, k) for k in (
+                                  "seed", "relabel_confidence", "relabel_tolerance")},
+                              "sizes": [args.triage_per_class, args.triage_max_per_class]})
         if stage == "extract":
             return _jsonable({"settings": self.extract.output_key(),
                               "checkpoint": _identity(args.checkpoint),
@@ -162,16 +191,18 @@ class Plan:
         """The stage's output as it is now (None: missing, or a store not finished)."""
         if stage == "extract":
             return _store_identity(self.store)
+        if stage == "triage":
+            return [_identity(self.report), _identity(self.head)]
         return _identity(self.head if stage == "train" else self.out)
 
-    def record(self, stage: str, key: dict | None = None) -> None:
+    def record(self, stage: str, key: dict | None = None, **extra) -> None:
         """Before a stage runs (no `key`): forget its record (a run killed inside it leaves it
         stale). After it ran: remember `key`, taken before it ran (an image added meanwhile is
-        not in the store), and its output."""
+        not in the store), and its output (and `extra`: the triage's outcome)."""
         state = self.load_state()
         state.pop(stage, None)
         if key is not None:
-            state[stage] = {"key": key, "output": self._output(stage)}
+            state[stage] = {"key": key, "output": self._output(stage), **extra}
         data = json.dumps(state, indent=1).encode()
         atomic_write(self.state_path, lambda f: f.write(data))
 
@@ -206,6 +237,10 @@ def fix(args: argparse.Namespace, argv: list[str] | None) -> int:
             def train():
                 return run_train(plan.train, group=grp, argv=argv)
 
+            if plan.args.triage != "off" and _triage(grp, plan, argv):
+                # a relabel: head.pt is the old head's rows, re-ordered; stage 3 writes them
+                _stage(grp, plan, "stitch", lambda: _stitch(plan), only_rank0=True)
+                return plan.out
             _stage(grp, plan, "extract", extract)
             try:
                 _stage(grp, plan, "train", train)
@@ -265,12 +300,99 @@ def _run(grp: dist.Group, plan: Plan, stage: str, fn, key: dict | None = None, *
     grp.agree(lambda: plan.record(stage, key), only_rank0=True)
 
 
+def _triage(grp: dist.Group, plan: Plan, argv: list[str] | None) -> bool:
+    """Decide from a class-stratified sample whether the old head is a relabel, growing the
+    sample while the decision is open. True: it is one, and head.pt holds it (the stitch
+    follows, checked on the sample's val rows, not every val image, unless --verify-data). A
+    head that is not one: the full pipeline (--triage only: an error, in one line)."""
+    from .extract import run_extract
+    from .train import run_relabel
+
+    args = plan.args
+    key = grp.share(lambda: plan.key("triage"))
+    record = grp.share(lambda: plan.load_state().get("triage"))
+    if (not args.force and isinstance(record, dict) and record.get("key") == key
+            and grp.share(lambda: record.get("output") == plan._output("triage"))):
+        log.info("triage: up to date (%s)", record.get("line", record.get("outcome")))
+        relabel = record.get("outcome") == "relabel"
+    else:
+        grp.agree(lambda: plan.record("triage"), only_rank0=True)
+        decision = _grow(grp, plan, argv, run_extract, run_relabel)
+        relabel = decision["outcome"] == "relabel"
+        if not relabel and args.triage == "only":
+            raise DataError(decision["error"])
+        grp.agree(lambda: plan.record("triage", key, outcome=decision["outcome"],
+                                      line=decision["line"]), only_rank0=True)
+        if not relabel:
+            log.warning("%s: running the full pipeline (stage 1 on every image, then stages 2 "
+                        "and 3)", decision["line"])
+    if relabel and args.verify_data is None:
+        plan.stitch = plan.stitch.replace(verify_data=None)
+    return relabel
+
+
+def _grow(grp: dist.Group, plan: Plan, argv, run_extract, run_relabel) -> dict:
+    """The triage's rounds: a sample of K images per class (train, and val when there is one),
+    decided; K doubled while the decision is open and the sample can grow."""
+    args = plan.args
+    k, images, decoded = args.triage_per_class, -1, 0
+    while True:
+        sizes = f"train={k}" + (f",{plan.val}={k}" if plan.val else "")
+        summary = run_extract(plan.extract.replace(out=plan.sample, per_class=sizes,
+                                                   verify=False), group=grp, argv=argv)
+        # a larger sample is a store of its own: its images are decoded again
+        decoded += 0 if summary.no_op else summary.images
+        if grp.main:
+            log.info("triage: sample of %d per class: %s", k, summary.line())
+
+        def decide(k: int = k, decoded: int = decoded) -> dict:
+            result = run_relabel(plan.relabel.replace(out=plan.head), argv)
+            d = result.decision
+            out = {"outcome": d.outcome, "line": d.line(), "images": sum(d.images.values()),
+                   "error": _refusal(result)}
+            store = S.FeatureStore.open(plan.sample)
+            report = T_.report(d, store.classes, store.class_names, result.head_classes)
+            report["sample_per_class"] = k
+            report["images_decoded"] = decoded  # every round's sample
+            data = json.dumps(report, indent=1, default=str).encode()
+            atomic_write(plan.report, lambda f: f.write(data))
+            log.info(d.line())
+            return out
+
+        decision = grp.share(decide)
+        grown = decision["images"] > images
+        images = decision["images"]
+        if decision["outcome"] != "grow":
+            return decision
+        if 2 * k > args.triage_max_per_class or not grown:
+            decision["outcome"] = "train"
+            why = ("the sample no longer grows" if not grown else
+                   f"--triage-max-per-class {args.triage_max_per_class} reached")
+            decision["error"] = f"{decision['error']} ({why})"
+            decision["line"] = f"{decision['line']}; {why}"
+            return decision
+        k *= 2
+
+
+def _refusal(result) -> str:
+    """The one line `--triage only` ends with when the triage found no relabel."""
+    d = result.decision
+    if d.outcome == "grow":
+        return (f"the sample is too small to decide: {d.reason}; the smallest class, "
+                f"{d.smallest_class}, has {d.smallest_count} image(s) in the sample")
+    return f"not a relabel: {d.reason}"
+
+
 def _stitch(plan: Plan) -> None:
     from .stitch import run_stitch
 
-    if plan.verify_data is None and plan.args.verify_data:
-        log.info("no val/ split under %s: the fixed model is not checked end to end",
-                 plan.args.data_root)
+    if plan.stitch.verify_data is None and plan.args.verify_data is not False:
+        if plan.verify_data is None:
+            log.info("no val/ split under %s: the fixed model is not checked end to end",
+                     plan.args.data_root)
+        else:
+            log.info("the relabel was verified on the triage's val sample, not end to end on "
+                     "every val image (--verify-data does that)")
     run_stitch(plan.stitch)
 
 

@@ -30,6 +30,8 @@ from .files import atomic_write
 from .models import Preprocess
 from .store import FeatureStore
 
+# stage 2's name for the candidate that is the old head, its rows permuted (no training)
+OLD_HEAD = "old head (permuted)"
 
 @dataclass(frozen=True)
 class Source:
@@ -107,6 +109,17 @@ class HeadRecord:
     def mapping(self) -> list[int] | None:
         """Stage 2's permutation of the old head (new row t = old row mapping[t]), if any."""
         return self.diagnosis.get("mapping")
+
+    @property
+    def relabel(self) -> dict | None:
+        """When this head is the old one relabelled (its rows re-ordered or picked, nothing
+        trained): the triage's decision, or stage 2's permuted old head chosen over the trained
+        ones. Stage 3 then re-orders every copy's own rows."""
+        found = self.diagnosis.get("relabel")
+        if found is None and self.metrics.get("candidate") == OLD_HEAD and \
+                self.mapping is not None and self.diagnosis.get("is_permutation"):
+            found = {"kind": "permutation", "by": "stage 2 (the permuted old head chosen)"}
+        return found
 
     def as_dict(self) -> dict[str, Any]:
         return {"weight": self.weight, "bias": self.bias, "classes": list(self.classes),

@@ -190,6 +190,11 @@ class ExtractSettings(StageSettings):
     verify: bool = option(False, output=False, help=(
         "read every chunk of an existing store and check its checksum (every run checks by "
         "listing that no chunk is missing); damaged chunks are recomputed"))
+    per_class: str | None = option(None, metavar="K", help=(
+        "extract only a class-stratified sample: K images of each class (fixed by the files' "
+        "names, so a larger K holds the smaller sample), or SPLIT=K,... per split "
+        "(train=2,val=2; a split not named is left out). For a triage by hand: "
+        "train_head.py --relabel decides from it"))
     trust_checkpoint: bool = _trust()
     # independent jobs that share one store, by hand: RANK/WORLD_SIZE without torchrun
     rank: int = option(0, cli=False, output=False, help="this job's share of the chunks")
@@ -203,6 +208,28 @@ class ExtractSettings(StageSettings):
             raise DataError(f"rank {self.rank} is outside world size {self.world_size}")
         if self.dataset is not None and self.class_order is not None:
             raise DataError(f"give {self.ref('dataset')} or {self.ref('class_order')}, not both")
+        self.sample_sizes()  # checked
+
+    def sample_sizes(self) -> dict[str, int] | None:
+        """--per-class as split -> K (None: every image; the key "*": every split)."""
+        text = self.per_class
+        if text is None:
+            return None
+        sizes: dict[str, int] = {}
+        for part in str(text).split(","):
+            split, _, k = part.strip().rpartition("=")
+            try:
+                value = int(k)
+            except ValueError:
+                value = 0
+            if value < 1 or (split == "" and "=" in part):
+                raise DataError(f"{self.ref('per_class', text)}: expected a count of images "
+                                "per class (at least 1), or SPLIT=K,... (train=2,val=2)")
+            sizes[split or "*"] = value
+        if "*" in sizes and len(sizes) > 1:
+            raise DataError(f"{self.ref('per_class', text)}: give one K for every split, or "
+                            "SPLIT=K for each split, not both")
+        return sizes
 
     @staticmethod
     def hand_share(environ: Mapping[str, str] = os.environ) -> dict[str, int]:
@@ -256,11 +283,31 @@ class TrainSettings(StageSettings):
         "host memory for the out-of-core shuffle window and read-ahead (a larger window reads "
         "less in step with the training: on 2 CPU cores 64 MB gave the shortest epochs, "
         "BENCHMARKS.md)"))
+    relabel: bool = option(False, help=(
+        "triage instead of training: decide whether the old head is a relabel of the right one "
+        "(a permutation, an offset, a superset's rows, or only its mapping) from a sample store "
+        "(extract_features.py --per-class K), verify it on other images, and write it; an "
+        "error, in one line, when it is not one"))
+    relabel_confidence: float = option(0.99, metavar="P", help=(
+        "the confidence of the relabel's verification: its test and its bound"))
+    relabel_tolerance: float = option(0.05, metavar="T", help=(
+        "a relabel is accepted when its verified top-1 is, with that confidence, at most T "
+        "below each reference (the accuracy the checkpoint records, the same head trained "
+        "further on the sample)"))
     device: str = _device()
     trust_checkpoint: bool = _trust()
 
     def check(self) -> None:
         lrs, wds = self.lrs, self.wds  # parsed, so checked
+        if not 0.5 <= self.relabel_confidence < 1:
+            raise DataError(f"{self.ref('relabel_confidence', self.relabel_confidence)}: must be "
+                            "in [0.5, 1)")
+        if not 0 <= self.relabel_tolerance < 1:
+            raise DataError(f"{self.ref('relabel_tolerance', self.relabel_tolerance)}: must be "
+                            "in [0, 1)")
+        if self.relabel and self.checkpoint is None:
+            raise DataError(f"{self.ref('relabel')} needs {self.ref('checkpoint')}: the old head "
+                            "is what it judges")
         self._at_least("epochs", 0)
         self._at_least("batch_size", 1)
         for name in ("holdout_fraction", "label_smoothing"):
@@ -337,6 +384,10 @@ class StitchSettings(StageSettings):
         "with stage 2's permutation when the old head was a clean permutation of the right one "
         "and refuses otherwise; permute always applies stage 2's best permutation; keep leaves "
         "them as they are"))
+    head_for_every_copy: bool = option(False, help=(
+        "write a trained head into every copy of the model (EMA included) even when their "
+        "backbones differ from the copy whose features trained it (default: refused, since "
+        "each copy's features differ)"))
     verify_batch_size: int = option(128, output=False, metavar="N",
                                     help="images per batch of --verify-data")
     progress_every: float = _progress()

@@ -136,7 +136,10 @@ def stitch(settings: StitchSettings, head: HeadRecord) -> StitchSummary:
     warn_backbone(head.diagnosis, "stitch")  # the user decides: the file is written
     notices: list[str] = []  # also the provenance record's, which shows them all
     changes = _changes(head, ckpt, settings.aux_heads, notices)
-    if head.source.ema:
+    if head.relabel is not None and len(ckpt.copies) > 1:
+        notices.append(f"the relabel was applied to every copy of the model "
+                       f"({', '.join(c.label() for c in ckpt.copies)}), each from its own rows")
+    elif head.source.ema:
         notices.append(f"the head was trained on the features of the EMA weights "
                        f"({ckpt.source_key}); it was written into every copy of the model")
     if not ckpt.copies:
@@ -171,22 +174,65 @@ def _matching_checkpoint(settings: StitchSettings, head: HeadRecord) -> Checkpoi
         raise CheckpointError(f"the head {head_file} was trained on features of another backbone "
                               f"than {checkpoint}'s (backbone sha256 differs)")
     old_w = ckpt.state_dict.get(f"{src.head_layer}.weight")
-    if old_w is None or tuple(old_w.shape) != tuple(head.weight.shape):
+    if old_w is None or old_w.dim() != 2 or old_w.shape[1] != head.weight.shape[1] or (
+            head.relabel is not None and max(head.mapping) >= old_w.shape[0]):
         raise CheckpointError(
             f"the head {head_file} has shape {tuple(head.weight.shape)} but {checkpoint}'s "
             f"{src.head_layer}.weight is {None if old_w is None else tuple(old_w.shape)}")
-    if ckpt.classes is not None and sorted(ckpt.classes) != sorted(head.classes):
+    if ckpt.classes is not None and len(ckpt.classes) == len(head.classes) and \
+            sorted(ckpt.classes) != sorted(head.classes):
         raise CheckpointError(f"{checkpoint} names other classes than the head {head_file}")
+    if head.relabel is None and len(ckpt.copies) > 1 and not settings.head_for_every_copy:
+        _refuse_other_backbones(ckpt, head, checkpoint)
     return ckpt
+
+
+def _refuse_other_backbones(ckpt: Checkpoint, head: HeadRecord, checkpoint: Path) -> None:
+    """A head trained on one copy's features (the model's, or its EMA's) is not written into a
+    copy whose backbone differs: that copy's features are others, and the head would score
+    below its own (a relabel has no such problem: each copy's own rows are re-ordered)."""
+    src = head.source
+    heads = tuple(f"{n}." for n in (src.head_layer, *src.other_heads.get("tied", ()),
+                                    *src.other_heads.get("auxiliary", ())))
+    mine = {k: v for k, v in ckpt.state_dict.items() if not k.startswith(heads)}
+    other = []
+    for c in ckpt.copies:
+        sd = {k[len(c.prefix):]: v for k, v in _get(ckpt.raw, c.path).items()
+              if isinstance(v, torch.Tensor) and k.startswith(c.prefix)}
+        # the same weights, perhaps kept in another dtype (an fp16 copy): the same backbone
+        same = all(isinstance(sd.get(k), torch.Tensor) and sd[k].shape == v.shape and
+                   torch.equal(sd[k], v.to(sd[k].dtype)) for k, v in mine.items())
+        if not same:
+            other.append(c.label())
+    if other:
+        trained = "its EMA weights" if src.ema else "the model's weights"
+        raise CheckpointError(
+            f"the head was trained on the features of {trained} ({ckpt.source_key}), and "
+            f"{checkpoint} holds other copies whose backbones differ ({', '.join(other)}): their "
+            "features are not those the head learned. Fix each copy from its own features (run "
+            f"the stages once with {ref('extract.ema')} and once with "
+            f"{ref('extract.ema', negate=True)}), or pass {St.ref('head_for_every_copy')} to "
+            "write this head into every copy anyway")
 
 
 def _changes(head: HeadRecord, ckpt: Checkpoint, aux_heads: str, notices: list[str]) -> Changes:
     """What changes in every copy: the head and the heads tied to it replaced by the new head,
     the auxiliary heads' rows re-ordered in place."""
     src = head.source
-    replace = {f"{name}.{p}": t for name in (src.head_layer, *src.other_heads.get("tied", ()))
-               for p, t in (("weight", head.weight), ("bias", head.bias))}
+    heads = (src.head_layer, *src.other_heads.get("tied", ()))
     auxiliary = list(src.other_heads.get("auxiliary", ()))
+    if head.relabel is not None:  # every copy's own rows, re-ordered (or picked): no training
+        mapping = torch.as_tensor(head.mapping, dtype=torch.long)
+        if aux_heads == "keep":
+            auxiliary = []
+        reorder = {f"{name}.{p}": mapping for name in (*heads, *auxiliary)
+                   for p in ("weight", "bias") if f"{name}.{p}" in ckpt.state_dict}
+        if auxiliary:
+            notices.append(f"the auxiliary heads {', '.join(auxiliary)} were re-ordered with "
+                           "the relabel, each copy's own rows")
+        return Changes({}, reorder)
+    replace = {f"{name}.{p}": t for name in heads
+               for p, t in (("weight", head.weight), ("bias", head.bias))}
     reorder = (_reordered_aux(auxiliary, ckpt.state_dict, head, aux_heads, notices)
                if auxiliary else {})
     return Changes(replace, reorder)
@@ -427,7 +473,8 @@ def _verify(path: Path, ckpt: Checkpoint, changes: Changes, trust: bool,
         expected = changes.tensors(a, c, ckpt.path)
         for key, tensor in a.items():
             other = b[key]
-            if other.dtype != tensor.dtype or other.shape != tensor.shape:
+            want = expected.get(key, tensor)  # a superset head's picked rows: fewer rows
+            if other.dtype != want.dtype or other.shape != want.shape:
                 raise CheckpointError(f"verification failed: {key} changed dtype or shape")
             if key in expected:
                 if not _same_bits(other, expected[key]):

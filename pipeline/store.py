@@ -199,6 +199,13 @@ class FeatureStore:
         return bool(self.model.get("ema", False))
 
     @property
+    def per_class(self) -> dict[str, int] | None:
+        """A sample store's images per class (split -> K, "*": every split); None: every
+        image of the splits."""
+        sample = self.group.attrs.get("sample")
+        return dict(sample["per_class"]) if isinstance(sample, dict) else None
+
+    @property
     def feature_dim(self) -> int:
         return int(self.components["feature_dim"])
 

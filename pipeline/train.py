@@ -18,10 +18,11 @@ import torch
 from . import dist as Dist
 from . import head as H
 from . import store as S
+from . import triage as T_
 from .checkpoint import backbone_digest, load_checkpoint
 from .errors import DataError, StoreError, ref, render
 from .files import resolve_device
-from .headfile import HeadRecord, Source
+from .headfile import OLD_HEAD, HeadRecord, Source
 from .provenance import run_record
 from .report import plot_curves, warn_backbone, write_jsonl
 from .settings import TrainSettings
@@ -31,7 +32,6 @@ log = logging.getLogger("quickfix")
 T = TrainSettings  # its settings, named in messages: T.ref("lr")
 EXTRACT = ref("cmd.extract")
 
-OLD_HEAD = "old head (permuted)"
 
 # The "don't use when" check (README, "Is the backbone worth fixing?"). A linear probe whose
 # holdout top-1 stays within UNTRAINED_MARGIN of the way from chance (the most common class's
@@ -188,6 +188,9 @@ def run_train(settings: TrainSettings, *, group: Dist.Group | None = None,
     Under torchrun (`group` joined) every rank holds a share of the rows, the gradients are
     summed over the ranks, every rank ends with the same head, and rank 0 writes it."""
     grp = group or Dist.Group.single()
+    if settings.relabel:
+        return grp.agree(lambda: run_relabel(settings, argv).raise_unless_accepted(),
+                         only_rank0=True)
     # a user error on any rank stops every rank, with one line (rank 0's)
     rt = grp.agree(lambda: resolve(settings, grp))
     inputs = grp.agree(lambda: load(settings, rt))
@@ -238,7 +241,7 @@ def load(settings: TrainSettings, rt: Runtime) -> Inputs:
     on the device (or left on the host to stream, or in the store), and the original head."""
     store = open_checked(settings.features)
     masks, judged, labels = _row_masks(store, settings.holdout_fraction, settings.seed)
-    old_head, recorded = (None, None) if settings.checkpoint is None else _old_head(
+    old_head, recorded, _ = (None, None, None) if settings.checkpoint is None else _old_head(
         settings.checkpoint, store, settings.trust_checkpoint)
     counts = {k: int(mask.sum()) for k, (_, mask) in masks.items()}
     shard = None
@@ -469,7 +472,7 @@ def _choose(candidates: list[dict], heads: list[tuple], config: H.TrainConfig,
         raise DataError(f"training diverged at every grid point ({T.ref('lr', _grid_text(config))}"
                         f"): lower {T.ref('lr')}, and check the store with {EXTRACT} "
                         f"{ref('extract.verify')}")
-    best = live[H.choose([candidates[i] for i in live], "holdout")] if holdout else live[0]
+    best = live[_best_on_holdout([candidates[i] for i in live])] if holdout else live[0]
     for rec in candidates:
         scores = "diverged (not a candidate)" if rec["diverged"] else "  ".join(
             f"{k} {rec[k]:.2%}" for k in ("holdout_top1", "val_top1", "val_top5") if k in rec)
@@ -480,6 +483,104 @@ def _choose(candidates: list[dict], heads: list[tuple], config: H.TrainConfig,
                     "the highest learning rates are too high for these features",
                     len(candidates) - len(live), len(candidates))
     return best
+
+
+def _best_on_holdout(records: list[dict]) -> int:
+    """The best holdout top-1; a tie goes to the permuted old head (the model's own head, no
+    training), then to the lower holdout loss."""
+    def rank(i: int) -> tuple:
+        rec = records[i]
+        loss = rec["holdout_loss"]
+        finite = math.isfinite(loss)
+        return (finite, rec["holdout_top1"] if finite else 0.0,
+                rec.get("candidate") == OLD_HEAD, -loss if finite else 0.0)
+
+    return max(range(len(records)), key=rank)
+
+
+# ---------------------------------------------------------------------------------------------
+# relabel: the triage's decision on a sample store
+
+
+@dataclass
+class RelabelSummary:
+    out: Path
+    decision: T_.Decision
+    record: HeadRecord | None = None
+    sample: str = ""  # what to do when the sample is too small
+    head_classes: list[str] | None = None  # the checkpoint's names of the old rows
+
+    def raise_unless_accepted(self) -> RelabelSummary:
+        """For the script: an accepted relabel, else one line saying why not."""
+        d = self.decision
+        if d.outcome == "grow":
+            raise DataError(f"the sample is too small to decide: {d.reason}; {self.sample}")
+        if d.outcome != "relabel":
+            raise DataError(f"not a relabel: {d.reason}: train the head ({T.ref('relabel')} "
+                            "left out, on a store of every image)")
+        return self
+
+    def line(self) -> str:
+        return f"{self.decision.line()} -> {self.out}" if self.record else self.decision.line()
+
+
+def run_relabel(settings: TrainSettings, argv: Sequence[str] | None = None, *,
+                write_head: bool = True) -> RelabelSummary:
+    """Decide from the store (a sample, or every image) whether the old head is a relabel; when
+    it is, write it (its rows picked, nothing trained) to `settings.out`."""
+    store = open_checked(settings.features)
+    head, recorded, head_classes = _old_head(settings.checkpoint, store,
+                                             settings.trust_checkpoint, any_size=True)
+    diag, verify = _triage_rows(store)
+    decision = T_.decide(diag, verify, *head, classes=store.classes, names=store.class_names,
+                         head_classes=head_classes,
+                         recorded=recorded[0] if recorded is not None else None,
+                         confidence=settings.relabel_confidence,
+                         tolerance=settings.relabel_tolerance, seed=settings.seed)
+    per_class = store.per_class or {}
+    k = max(per_class.values(), default=0)
+    sample = (f"rerun {EXTRACT} with {ref('extract.per_class', 2 * k)}" if k else
+              "the store holds every image: train the head")
+    summary = RelabelSummary(settings.out, decision, sample=sample, head_classes=head_classes)
+    if decision.outcome != "relabel" or not write_head:
+        return summary
+    index = torch.as_tensor(decision.mapping, dtype=torch.long)
+    metrics = {"verification_top1": decision.top1,
+               "verification_images": decision.images.get("verification", 0)}
+    if "val" in store.splits:
+        metrics["val_top1"] = decision.top1  # the sample's val rows
+    summary.record = HeadRecord(
+        weight=head[0][index].clone(), bias=head[1][index].clone(), classes=store.classes,
+        class_names=store.class_names, source=Source.of(store),
+        config={"init": "relabel", "sample": per_class or None},
+        metrics=metrics, grid=[],
+        diagnosis={"mapping": decision.mapping, "is_permutation": True,
+                   "classes_moved": decision.moved, "clean_share": decision.clear,
+                   "relabel": decision.as_dict(),
+                   "recorded_top1": recorded[0] if recorded else None,
+                   "recorded_key": recorded[1] if recorded else None},
+        record=run_record(argv, {"features": str(settings.features), "out": str(settings.out),
+                                 "checkpoint": str(settings.checkpoint)}))
+    summary.record.save(settings.out)
+    return summary
+
+
+def _triage_rows(store: S.FeatureStore) -> tuple[T_.Rows, T_.Rows]:
+    """The diagnosis rows (train) and the verification rows (val; without val, half of the
+    train rows of each class)."""
+    def rows(split: str) -> T_.Rows:
+        ok = store.read(split, "ok").astype(bool)
+        idx = np.flatnonzero(ok)
+        x = store.read(split, "features")[idx] if idx.size else \
+            np.zeros((0, store.feature_dim))
+        return T_.Rows(torch.as_tensor(np.asarray(x, dtype=np.float32)),
+                       store.read(split, "labels")[idx].astype(np.int64))
+
+    diag = rows("train")
+    val = next((s for s in ("val", "validation") if s in store.splits), None)
+    if val is not None:
+        return diag, rows(val)
+    return T_.split_for_verification(diag)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -521,10 +622,13 @@ def _fits(parts: Sequence[H.Features], device: torch.device) -> bool:
     return need < 0.7 * free
 
 
-def _old_head(path: Path, store: S.FeatureStore, trust: bool
-              ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[float, str] | None]:
-    """The original head (and the top-1 the checkpoint records), after checking that the store
-    was made from this checkpoint (its EMA copy, when the store was made from that)."""
+def _old_head(path: Path, store: S.FeatureStore, trust: bool, *, any_size: bool = False
+              ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, tuple[float, str] | None,
+                         list[str] | None]:
+    """The original head (and the top-1 the checkpoint records, and the classes it names per
+    row), after checking that the store was made from this checkpoint (its EMA copy, when the
+    store was made from that). A head with another number of outputs than the store has
+    classes is returned with `any_size` (a relabel picks its rows), else not reused (None)."""
     components, classes, dim = store.components, store.classes, store.feature_dim
     ckpt = load_checkpoint(path, trust=trust, use_ema=store.ema)
     head = components["head"]
@@ -536,16 +640,22 @@ def _old_head(path: Path, store: S.FeatureStore, trust: bool
             f"(rerun {EXTRACT} with this checkpoint)")
     weight = ckpt.state_dict.get(f"{head}.weight")
     bias = ckpt.state_dict.get(f"{head}.bias")
-    if weight is None or weight.shape != (len(classes), dim):
+    if weight is None or weight.dim() != 2 or weight.shape[1] != dim:
         shape = None if weight is None else tuple(weight.shape)
         raise StoreError(f"{path}: head {head}.weight has shape {shape}, the store needs "
                          f"({len(classes)}, {dim})")
-    if ckpt.classes is not None and sorted(ckpt.classes) != sorted(classes):
-        raise StoreError(f"{path} names other classes than the feature store "
-                         "(compare its id_to_class/class_to_idx with the store's classes)")
-    if bias is None:
-        bias = torch.zeros(len(classes))
     if ckpt.recorded is not None:
         log.info("the checkpoint records top-1 %.2f%% (%s)", 100 * ckpt.recorded[0],
                  ckpt.recorded[1])
-    return (weight.detach().float(), bias.detach().float()), ckpt.recorded
+    if weight.shape[0] != len(classes) and not any_size:
+        log.warning("the old head %s has %d outputs for the store's %d classes: it is not "
+                    "reused (the new head is trained from zeros)", head, weight.shape[0],
+                    len(classes))
+        return None, ckpt.recorded, ckpt.classes
+    if ckpt.classes is not None and len(ckpt.classes) == len(classes) and \
+            sorted(ckpt.classes) != sorted(classes):
+        raise StoreError(f"{path} names other classes than the feature store "
+                         "(compare its id_to_class/class_to_idx with the store's classes)")
+    if bias is None:
+        bias = torch.zeros(weight.shape[0])
+    return (weight.detach().float(), bias.detach().float()), ckpt.recorded, ckpt.classes

@@ -113,10 +113,12 @@ def test_a_stage_killed_midway_reruns_and_the_later_ones_follow(tmp_path, tree, 
             str(tmp_path / "fx"), "--fix-epochs", "1", "--lr", "0.1", *FAST]
     assert F.main(args) == 0
     state = json.loads((tmp_path / "fx" / F.STATE).read_text())
-    assert set(state) == {"extract", "train", "stitch"}
+    assert set(state) == {"triage", "extract", "train", "stitch"}
+    assert state["triage"]["outcome"] == "train"  # a random head: no relabel
     plan = F.Plan(F.build_parser().parse_args(args))
     plan.record("train")  # what a kill inside stage 2 leaves
-    assert set(json.loads((tmp_path / "fx" / F.STATE).read_text())) == {"extract", "stitch"}
+    assert set(json.loads((tmp_path / "fx" / F.STATE).read_text())) == {"triage", "extract",
+                                                                         "stitch"}
     assert [plan.stale(s) for s in F.STAGES] == [False, True, False]
     capsys.readouterr()
     assert F.main(args) == 0

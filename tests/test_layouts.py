@@ -275,8 +275,16 @@ def test_timm_checkpoint_end_to_end(tmp_path, tree, capsys):
     ckpt, _ = _timm_checkpoint(tmp_path, "convnext_atto", crop_pct=0.9)
     # no --arch: the checkpoint's own `arch`; no --resize/--crop: timm's eval transform, with
     # the checkpoint's --crop-pct (224 / 0.9 -> 248) and the model's bicubic interpolation
-    head, out, rc = fix(tmp_path, tree, ckpt, stitch=["--verify-data", str(tree)])
-    assert rc == 0
+    head, out, rc = fix(tmp_path, tree, ckpt)
+    # the head was trained on the EMA copy's features: not written into the model copy, whose
+    # backbone differs, unless asked
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and not out.exists()
+    assert "holds other copies whose backbones differ (state_dict)" in err[-1], err[-1]
+    assert "--head-for-every-copy" in err[-1]
+    assert stitch_checkpoint.main(["--checkpoint", str(ckpt), "--head", str(tmp_path / "head.pt"),
+                                   "--out", str(out), "--verify-data", str(tree),
+                                   "--head-for-every-copy"]) == 0
     assert_verified(capsys, head)
     store = zarr.open_group(str(tmp_path / "f.zarr"), mode="r")
     pre = store.attrs["fingerprint"]["components"]["preprocessing"]
@@ -304,7 +312,7 @@ def test_timm_distilled_heads_are_tied(tmp_path, tree, capsys):
     import timm
     ckpt, model = _timm_checkpoint(tmp_path, "deit_tiny_distilled_patch16_224")
     head, out, rc = fix(tmp_path, tree, ckpt, extract=["--resize", "256", "--crop", "224"],
-                        stitch=["--verify-data", str(tree)])
+                        stitch=["--verify-data", str(tree), "--head-for-every-copy"])
     assert rc == 0
     assert_verified(capsys, head)
     assert head["store"]["other_heads"] == {"tied": ["head_dist"]}
@@ -416,14 +424,14 @@ def _aux_checkpoint(tmp_path: Path, arch: str) -> Path:
 def test_inception_aux_head_refused_then_permuted(tmp_path, tree, capsys):
     ckpt = _aux_checkpoint(tmp_path, "inception_v3")
     size = ["--resize", "90", "--crop", "80"]
-    head, out, rc = fix(tmp_path, tree, ckpt, extract=size)
+    head, out, rc = fix(tmp_path, tree, ckpt, extract=size, stitch=["--head-for-every-copy"])
     err = capsys.readouterr().err
     # random weights: the old head is no permutation, so re-ordering AuxLogits is a guess
     assert rc == 2 and "AuxLogits.fc" in err and "--aux-heads permute" in err
     assert not out.exists()
     rc = stitch_checkpoint.main(["--checkpoint", str(ckpt), "--head", str(tmp_path / "head.pt"),
                                  "--out", str(out), "--aux-heads", "permute", "--verify-data",
-                                 str(tree)])
+                                 str(tree), "--head-for-every-copy"])
     assert rc == 0
     assert_verified(capsys, head)
     fixed, old = torch.load(out, weights_only=False), torch.load(ckpt, weights_only=False)
@@ -445,7 +453,7 @@ def test_googlenet_aux_heads_follow_a_clean_permutation(tmp_path, tree):
     ckpt = _aux_checkpoint(tmp_path, "googlenet")
     size = ["--resize", "72", "--crop", "64"]
     right, _, rc = fix(tmp_path, tree, ckpt, extract=size, epochs="40",
-                       stitch=["--aux-heads", "keep"])
+                       stitch=["--aux-heads", "keep", "--head-for-every-copy"])
     assert rc == 0
     # the same backbone with the right head's rows in the wrong (sorted) order
     raw = torch.load(ckpt, weights_only=False)
@@ -470,6 +478,13 @@ def test_googlenet_aux_heads_follow_a_clean_permutation(tmp_path, tree):
         old = raw["model"][f"{name}.weight"]
         assert torch.equal(fixed[f"{name}.weight"], old[torch.as_tensor(mapping)])
         assert not torch.equal(fixed[f"{name}.weight"], old)
+    # the permuted old head is a relabel: the EMA copy, whose backbone differs, gets its own
+    # rows re-ordered (no --head-for-every-copy needed), head and aux heads alike
+    ema = torch.load(out, weights_only=False)["model_ema"]
+    for name in ("fc", "aux1.fc2", "aux2.fc2"):
+        old = raw["model_ema"][f"module.{name}.weight"]
+        assert torch.equal(ema[f"module.{name}.weight"], old[torch.as_tensor(mapping)])
+        assert not torch.equal(ema[f"module.{name}.weight"], fixed[f"{name}.weight"])
     # the fixed head is the right head again: the permuted-back rows
     torch.testing.assert_close(fixed["fc.weight"], right["weight"])
 
