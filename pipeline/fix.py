@@ -359,7 +359,18 @@ def _grow(grp: dist.Group, plan: Plan, argv, run_extract, run_relabel) -> dict:
             log.info(d.line())
             return out
 
-        decision = grp.share(decide)
+        try:
+            decision = grp.share(decide)
+        except QuickFixError as exc:
+            if not (isinstance(exc, StoreError) or getattr(exc, "kind", "") == "StoreError"):
+                raise
+            # a sample chunk that fails its checksum: stage 1 repairs it, the decision reruns
+            if grp.main:
+                log.warning("the triage found its sample store damaged (%s): repairing it with "
+                            "stage 1 --verify, then deciding again", exc.raw)
+            run_extract(plan.extract.replace(out=plan.sample, per_class=sizes, verify=True),
+                        group=grp, argv=argv)
+            decision = grp.share(decide)
         grown = decision["images"] > images
         images = decision["images"]
         if decision["outcome"] != "grow":

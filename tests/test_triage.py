@@ -112,6 +112,16 @@ def test_a_name_sorted_head_is_relabelled_from_a_sample(case):
     again = quickfix(case, ckpt)
     assert again.returncode == 0, again.stderr
     assert "triage: up to date" in again.stderr and "extract:" not in again.stderr
+    # a sample chunk damaged on disk: found as the decision reads it, repaired, decided again
+    chunk = fixed / "triage" / "sample.zarr" / "train" / "features" / "c" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    chunk.write_bytes(bytes(data))
+    k = json.loads((fixed / "checkpoint_best.triage.json").read_text())["sample_per_class"]
+    again = quickfix(case, ckpt, "--triage-per-class", str(k))  # that sample, at once
+    assert again.returncode == 0, again.stderr
+    assert "the triage found its sample store damaged" in again.stderr
+    assert torch.equal(fixed_head(fixed / "checkpoint_best.pth")[0], case["w"])
     # the same sample, by hand: a head whose checkpoint records no mapping is named by its order
     plain = checkpoint(case, case["root"] / "byname" / "plain.pth", case["w_sorted"],
                        case["b_sorted"])
