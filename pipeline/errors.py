@@ -93,5 +93,10 @@ class StoreError(QuickFixError):
     """The feature store is missing, incomplete, or belongs to other inputs."""
 
 
+class StoreDamaged(StoreError):
+    """A written chunk of the feature store is not what was written there (a checksum, a
+    decode, or a non-finite value): stage 1 --verify finds and recomputes it."""
+
+
 class SetupError(QuickFixError):
     """This machine cannot run what was asked: a library, driver or device does not work."""

@@ -27,7 +27,7 @@ from . import dist
 from . import store as S
 from . import triage as T_
 from .cli import Command, in_job, log, train_backend
-from .errors import DataError, QuickFixError, StoreError
+from .errors import DataError, QuickFixError, StoreDamaged
 from .files import atomic_write
 from .settings import ExtractSettings, StitchSettings, TrainSettings
 
@@ -35,12 +35,15 @@ STATE = ".quickfix-labels.json"
 TRIAGE_MODES = ("auto", "only", "off")
 STAGES = ("extract", "train", "stitch")
 TITLES = {"extract": "stage 1 (extract_features)", "train": "stage 2 (train_head)",
-          "stitch": "stage 3 (stitch_checkpoint)"}
+          "stitch": "stage 3 (stitch_checkpoint)",
+          "extract-copy": "stage 1 on the other copy's weights (extract_features)",
+          "train-copy": "stage 2 on the other copy's features (train_head)"}
 # The stages' settings this command sets itself (Plan): the paths, from its own flags above,
 # and replacing its own store and fixed checkpoint.
 SET_HERE = {"extract": ("checkpoint", "data_root", "out", "overwrite", "per_class"),
             "train": ("features", "out", "checkpoint", "relabel"),
-            "stitch": ("checkpoint", "head_file", "out", "overwrite", "verify_data")}
+            "stitch": ("checkpoint", "head_file", "out", "overwrite", "verify_data",
+                       "copy_heads")}
 # What the stages' messages call what this command names otherwise, or sets itself.
 NAMES = {"cmd.extract": "quickfix-labels", "cmd.train": "quickfix-labels",
          "cmd.stitch": "quickfix-labels",
@@ -148,6 +151,44 @@ class Plan:
         self.stitch = StitchSettings.from_args(args, checkpoint=args.checkpoint,
                                                head_file=self.head, out=self.out,
                                                overwrite=True, verify_data=self.verify_data)
+        # a copy of the model whose backbone differs (an EMA copy): its own store and head
+        self.copy_store: Path | None = None
+        self.copy_head: Path | None = None
+
+    def other_copy(self) -> bool | None:
+        """After stage 1: the --ema value that reads the model's other copy when its backbone
+        differs from the one stage 1 read (an EMA copy of a model trained further), so that it
+        gets a head trained on its own features. None: no copy differs, --head-for-every-copy,
+        or more than one differs (stage 3 refuses, naming them)."""
+        from .checkpoint import load_checkpoint
+        from .stitch import differing_copies
+
+        if self.stitch.head_for_every_copy:
+            return None
+        store = S.FeatureStore.open(self.store)
+        trust = self.extract.trust_checkpoint
+        ckpt = load_checkpoint(self.checkpoint, trust=trust, use_ema=store.ema)
+        differ = differing_copies(ckpt, store.components["head"],
+                                  store.components.get("other_heads") or {})
+        if len(differ) != 1:
+            return None
+        try:
+            other = load_checkpoint(self.checkpoint, trust=trust, use_ema=not store.ema)
+        except QuickFixError:
+            return None
+        if other.source_key is None or tuple(other.source_key.split(".")) != differ[0].path:
+            return None
+        return not store.ema
+
+    def with_copy(self, ema: bool) -> None:
+        """Stages 1 and 2 once more, on the other copy's weights (`ema`), beside the first's:
+        features.ema.zarr and head.ema.pt (or .model); stage 3 writes each head into its copy."""
+        tag = "ema" if ema else "model"
+        self.copy_store = self.store.with_name(f"{self.store.stem}.{tag}{self.store.suffix}")
+        self.copy_head = self.head.with_name(f"{self.head.stem}.{tag}{self.head.suffix}")
+        self.copy_extract = self.extract.replace(out=self.copy_store, ema=ema)
+        self.copy_train = self.train.replace(features=self.copy_store, out=self.copy_head)
+        self.stitch = self.stitch.replace(copy_heads=[self.copy_head])
 
     def key(self, stage: str) -> dict:
         args = self.args
@@ -156,18 +197,22 @@ class Plan:
                               "relabel": {k: getattr(self.relabel, k) for k in (
                                   "seed", "relabel_confidence", "relabel_tolerance")},
                               "sizes": [args.triage_per_class, args.triage_max_per_class]})
-        if stage == "extract":
-            return _jsonable({"settings": self.extract.output_key(),
+        copy = stage.endswith("-copy")
+        if stage in ("extract", "extract-copy"):
+            settings = self.copy_extract if copy else self.extract
+            return _jsonable({"settings": settings.output_key(),
                               "checkpoint": _identity(args.checkpoint),
                               "class_order": _identity(self.extract.class_order),
                               "data": _folders_digest(args.data_root, self.splits)})
-        if stage == "train":
-            return _jsonable({"settings": self.train.output_key(),
+        if stage in ("train", "train-copy"):
+            settings = self.copy_train if copy else self.train
+            return _jsonable({"settings": settings.output_key(),
                               "checkpoint": _identity(args.checkpoint),
-                              "store": _store_identity(self.store)})
+                              "store": _store_identity(settings.features)})
         return _jsonable({"settings": self.stitch.output_key(),
                           "checkpoint": _identity(args.checkpoint),
-                          "head": _identity(self.head)})
+                          "head": _identity(self.head),
+                          "copy_heads": [_identity(h) for h in self.stitch.copy_heads or []]})
 
     def load_state(self) -> dict:
         try:
@@ -178,7 +223,7 @@ class Plan:
 
     def stale(self, stage: str, key: dict | None = None) -> bool:
         """Whether `stage` must run; `key`: its key, when already computed."""
-        if self.args.force or (stage == "extract" and self.extract.verify):
+        if self.args.force or (stage.startswith("extract") and self.extract.verify):
             return True
         record = self.load_state().get(stage)
         key = key if key is not None else self.key(stage)
@@ -187,12 +232,19 @@ class Plan:
         output = self._output(stage)
         return output is None or record.get("output") != output
 
-    def _output(self, stage: str) -> list | None:
-        """The stage's output as it is now (None: missing, or a store not finished)."""
+    def _output(self, stage: str, outcome: str | None = None) -> list | None:
+        """The stage's output as it is now (None: missing, or a store not finished). The
+        triage's: its report, and the head it wrote when its `outcome` was a relabel (after
+        any other, stage 2 writes head.pt)."""
         if stage == "extract":
             return _store_identity(self.store)
+        if stage == "extract-copy":
+            return _store_identity(self.copy_store)
+        if stage == "train-copy":
+            return _identity(self.copy_head)
         if stage == "triage":
-            return [_identity(self.report), _identity(self.head)]
+            return [_identity(self.report)] + ([_identity(self.head)]
+                                               if outcome == "relabel" else [])
         return _identity(self.head if stage == "train" else self.out)
 
     def record(self, stage: str, key: dict | None = None, **extra) -> None:
@@ -202,7 +254,8 @@ class Plan:
         state = self.load_state()
         state.pop(stage, None)
         if key is not None:
-            state[stage] = {"key": key, "output": self._output(stage), **extra}
+            state[stage] = {"key": key, "output": self._output(stage, extra.get("outcome")),
+                            **extra}
         data = json.dumps(state, indent=1).encode()
         atomic_write(self.state_path, lambda f: f.write(data))
 
@@ -231,29 +284,35 @@ def fix(args: argparse.Namespace, argv: list[str] | None) -> int:
         with contextlib.ExitStack() as held:
             plan = grp.share(lambda: _plan(args, held))
 
-            def extract(verify: bool = plan.extract.verify):
-                return run_extract(plan.extract.replace(verify=verify), group=grp, argv=argv)
+            def extract(verify: bool = plan.extract.verify, copy: str = ""):
+                settings = plan.copy_extract if copy else plan.extract
+                return run_extract(settings.replace(verify=verify), group=grp, argv=argv)
 
-            def train():
-                return run_train(plan.train, group=grp, argv=argv)
+            def train(copy: str = ""):
+                return run_train(plan.copy_train if copy else plan.train, group=grp, argv=argv)
+
+            def stages_1_and_2(copy: str = "") -> None:
+                _stage(grp, plan, f"extract{copy}", lambda: extract(copy=copy))
+                _repairing(grp, "stage 2", "training again",
+                           lambda: _stage(grp, plan, f"train{copy}", lambda: train(copy)),
+                           lambda: _run(grp, plan, f"extract{copy}",
+                                        lambda: extract(verify=True, copy=copy)),
+                           lambda: _run(grp, plan, f"train{copy}", lambda: train(copy)))
 
             if plan.args.triage != "off" and _triage(grp, plan, argv):
                 # a relabel: head.pt is the old head's rows, re-ordered; stage 3 writes them
                 _stage(grp, plan, "stitch", lambda: _stitch(plan), only_rank0=True)
                 return plan.out
-            _stage(grp, plan, "extract", extract)
-            try:
-                _stage(grp, plan, "train", train)
-            except QuickFixError as exc:
-                if not (isinstance(exc, StoreError) or getattr(exc, "kind", "") == "StoreError"):
-                    raise
-                # a chunk that fails its checksum shows only as it is read: stage 1 repairs it
-                # (--verify reads every chunk), then stage 2 runs again, once
+            stages_1_and_2()
+            other = grp.share(plan.other_copy)
+            if other is not None:  # each copy of the model gets a head trained on its features
+                plan.with_copy(other)
                 if grp.main:
-                    log.warning("stage 2 found the store damaged (%s): repairing it with stage "
-                                "1 --verify, then training again", exc.raw)
-                _run(grp, plan, "extract", lambda: extract(verify=True))
-                _run(grp, plan, "train", train)
+                    log.info("the checkpoint's %s copy has a backbone of its own: stages 1 and 2 "
+                             "run on its weights too (%s and %s), and stage 3 writes each head "
+                             "into its own copy", "EMA" if other else "model",
+                             plan.copy_store.name, plan.copy_head.name)
+                stages_1_and_2("-copy")
             _stage(grp, plan, "stitch", lambda: _stitch(plan), only_rank0=True)
         return plan.out
 
@@ -312,20 +371,26 @@ def _triage(grp: dist.Group, plan: Plan, argv: list[str] | None) -> bool:
     key = grp.share(lambda: plan.key("triage"))
     record = grp.share(lambda: plan.load_state().get("triage"))
     if (not args.force and isinstance(record, dict) and record.get("key") == key
-            and grp.share(lambda: record.get("output") == plan._output("triage"))):
-        log.info("triage: up to date (%s)", record.get("line", record.get("outcome")))
-        relabel = record.get("outcome") == "relabel"
+            and grp.share(lambda: record.get("output") == plan._output("triage",
+                                                                      record.get("outcome")))):
+        if grp.main:
+            log.info("triage: up to date (%s)", record.get("line", record.get("outcome")))
+        decision = record
     else:
         grp.agree(lambda: plan.record("triage"), only_rank0=True)
         decision = _grow(grp, plan, argv, run_extract, run_relabel)
-        relabel = decision["outcome"] == "relabel"
-        if not relabel and args.triage == "only":
-            raise DataError(decision["error"])
+        # kept whatever it found: a rerun with the same inputs decides nothing again
         grp.agree(lambda: plan.record("triage", key, outcome=decision["outcome"],
-                                      line=decision["line"]), only_rank0=True)
-        if not relabel:
-            log.warning("%s: running the full pipeline (stage 1 on every image, then stages 2 "
-                        "and 3)", decision["line"])
+                                      line=decision["line"], error=decision["error"]),
+                  only_rank0=True)
+    relabel = decision.get("outcome") == "relabel"
+    if not relabel and args.triage == "only":
+        def refuse():  # one line, rank 0's
+            raise DataError(str(decision.get("error") or decision.get("line")))
+        grp.agree(refuse, only_rank0=True)
+    if not relabel and grp.main and decision is not record:
+        log.warning("%s: running the full pipeline (stage 1 on every image, then stages 2 and "
+                    "3)", decision.get("line"))
     if relabel and args.verify_data is None:
         plan.stitch = plan.stitch.replace(verify_data=None)
     return relabel
@@ -359,18 +424,11 @@ def _grow(grp: dist.Group, plan: Plan, argv, run_extract, run_relabel) -> dict:
             log.info(d.line())
             return out
 
-        try:
-            decision = grp.share(decide)
-        except QuickFixError as exc:
-            if not (isinstance(exc, StoreError) or getattr(exc, "kind", "") == "StoreError"):
-                raise
-            # a sample chunk that fails its checksum: stage 1 repairs it, the decision reruns
-            if grp.main:
-                log.warning("the triage found its sample store damaged (%s): repairing it with "
-                            "stage 1 --verify, then deciding again", exc.raw)
-            run_extract(plan.extract.replace(out=plan.sample, per_class=sizes, verify=True),
-                        group=grp, argv=argv)
-            decision = grp.share(decide)
+        decision = _repairing(
+            grp, "the triage", "deciding again", lambda: grp.share(decide),
+            lambda sizes=sizes: run_extract(plan.extract.replace(
+                out=plan.sample, per_class=sizes, verify=True), group=grp, argv=argv),
+            lambda: grp.share(decide))
         grown = decision["images"] > images
         images = decision["images"]
         if decision["outcome"] != "grow":
@@ -383,6 +441,22 @@ def _grow(grp: dist.Group, plan: Plan, argv, run_extract, run_relabel) -> dict:
             decision["line"] = f"{decision['line']}; {why}"
             return decision
         k *= 2
+
+
+def _repairing(grp: dist.Group, who: str, again: str, attempt, repair, retry):
+    """`attempt()`; when it finds a store damaged (a chunk that fails its checksum shows only as
+    it is read), `repair()` (stage 1 --verify reads every chunk and recomputes the bad ones),
+    then `retry()`, once. Any other error, and a store other than damaged, is the user's."""
+    try:
+        return attempt()
+    except QuickFixError as exc:
+        if not (isinstance(exc, StoreDamaged) or getattr(exc, "kind", "") == "StoreDamaged"):
+            raise
+        if grp.main:
+            log.warning("%s found the store damaged (%s): repairing it with stage 1 --verify, "
+                        "then %s", who, exc.raw, again)
+    repair()
+    return retry()
 
 
 def _refusal(result) -> str:

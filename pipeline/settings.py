@@ -384,6 +384,10 @@ class StitchSettings(StageSettings):
         "with stage 2's permutation when the old head was a clean permutation of the right one "
         "and refuses otherwise; permute always applies stage 2's best permutation; keep leaves "
         "them as they are"))
+    copy_heads: list[Path] | None = option(None, metavar="HEAD", help=(
+        "heads trained on the features of the model's other copies (stages 1 and 2 run once "
+        "more with --ema, or --no-ema): each is written into the copy whose backbone it was "
+        "trained on, --head into the others"))
     head_for_every_copy: bool = option(False, help=(
         "write a trained head into every copy of the model (EMA included) even when their "
         "backbones differ from the copy whose features trained it (default: refused, since "

@@ -32,6 +32,7 @@ import torch
 
 from . import __version__
 from .checkpoint import (
+    EXTRA_KEYS,
     SAFETENSORS,
     Checkpoint,
     Container,
@@ -133,12 +134,20 @@ def stitch(settings: StitchSettings, head: HeadRecord) -> StitchSummary:
     permutation of the right one (else refuses), permute always uses stage 2's best
     permutation, keep leaves them in the old order (said in a notice)."""
     ckpt = _matching_checkpoint(settings, head)
+    own = _own_heads(settings, head, ckpt)  # copies with a head trained on their features
     warn_backbone(head.diagnosis, "stitch")  # the user decides: the file is written
     notices: list[str] = []  # also the provenance record's, which shows them all
-    changes = _changes(head, ckpt, settings.aux_heads, notices)
+    changes = PerCopy(_changes(head, ckpt, settings.aux_heads, notices), {})
+    for c, _, record in own.values():
+        changes.own[c.path] = _changes(record, ckpt, settings.aux_heads, [])
     if head.relabel is not None and len(ckpt.copies) > 1:
         notices.append(f"the relabel was applied to every copy of the model "
                        f"({', '.join(c.label() for c in ckpt.copies)}), each from its own rows")
+    elif own:
+        rest = [c.label() for c in ckpt.copies if c.path not in own]
+        notices.append("each copy got the head trained on its own features: "
+                       + ", ".join([f"{', '.join(rest)} {settings.head_file.name}"]
+                                   + [f"{c.label()} {path.name}" for c, path, _ in own.values()]))
     elif head.source.ema:
         notices.append(f"the head was trained on the features of the EMA weights "
                        f"({ckpt.source_key}); it was written into every copy of the model")
@@ -153,7 +162,7 @@ def stitch(settings: StitchSettings, head: HeadRecord) -> StitchSummary:
         sd.update(changes.tensors(sd, c, settings.checkpoint))
         new = _set(new, c.path, sd)
     new, metadata = _with_class_order(new, ckpt, head, changes, settings.out, notices)
-    record = _provenance(settings, head, ckpt, notices)  # with every notice
+    record = _provenance(settings, head, ckpt, notices, own)  # with every notice
     if metadata is not None:
         metadata["quickfix"] = json.dumps(record, default=str)
     elif not is_state_dict(ckpt.raw):
@@ -182,37 +191,83 @@ def _matching_checkpoint(settings: StitchSettings, head: HeadRecord) -> Checkpoi
     if ckpt.classes is not None and len(ckpt.classes) == len(head.classes) and \
             sorted(ckpt.classes) != sorted(head.classes):
         raise CheckpointError(f"{checkpoint} names other classes than the head {head_file}")
-    if head.relabel is None and len(ckpt.copies) > 1 and not settings.head_for_every_copy:
-        _refuse_other_backbones(ckpt, head, checkpoint)
     return ckpt
 
 
-def _refuse_other_backbones(ckpt: Checkpoint, head: HeadRecord, checkpoint: Path) -> None:
-    """A head trained on one copy's features (the model's, or its EMA's) is not written into a
-    copy whose backbone differs: that copy's features are others, and the head would score
-    below its own (a relabel has no such problem: each copy's own rows are re-ordered)."""
-    src = head.source
-    heads = tuple(f"{n}." for n in (src.head_layer, *src.other_heads.get("tied", ()),
-                                    *src.other_heads.get("auxiliary", ())))
+def copy_weights(ckpt: Checkpoint, copy: Container) -> dict[str, torch.Tensor]:
+    """One copy's tensors, by the model's names (its prefix stripped)."""
+    return {k[len(copy.prefix):]: v for k, v in _get(ckpt.raw, copy.path).items()
+            if isinstance(v, torch.Tensor) and k.startswith(copy.prefix) and k not in EXTRA_KEYS}
+
+
+def differing_copies(ckpt: Checkpoint, head_layer: str, other_heads: Mapping
+                     ) -> list[Container]:
+    """The copies of the model whose backbone (everything but the heads) is not the one
+    `ckpt` was loaded from: an EMA copy that differs from the model, say. The same weights kept
+    in another dtype (a float16 copy) are the same backbone."""
+    heads = tuple(f"{n}." for n in (head_layer, *other_heads.get("tied", ()),
+                                    *other_heads.get("auxiliary", ())))
     mine = {k: v for k, v in ckpt.state_dict.items() if not k.startswith(heads)}
     other = []
     for c in ckpt.copies:
-        sd = {k[len(c.prefix):]: v for k, v in _get(ckpt.raw, c.path).items()
-              if isinstance(v, torch.Tensor) and k.startswith(c.prefix)}
-        # the same weights, perhaps kept in another dtype (an fp16 copy): the same backbone
+        sd = copy_weights(ckpt, c)
         same = all(isinstance(sd.get(k), torch.Tensor) and sd[k].shape == v.shape and
                    torch.equal(sd[k], v.to(sd[k].dtype)) for k, v in mine.items())
         if not same:
-            other.append(c.label())
-    if other:
+            other.append(c)
+    return other
+
+
+def _own_heads(settings: StitchSettings, head: HeadRecord, ckpt: Checkpoint
+               ) -> dict[tuple[str, ...], tuple[Container, Path, HeadRecord]]:
+    """The copies whose backbone differs from the one `head` was trained on, each with the head
+    of `settings.copy_heads` trained on its own features (matched by the backbone digest). A
+    trained head is never written into a copy whose backbone differs (its features are others,
+    and the head would score below that copy's own), unless --head-for-every-copy; a relabel
+    re-orders each copy's own rows and needs none."""
+    src, checkpoint = head.source, settings.checkpoint
+    records = []
+    for path in settings.copy_heads or []:
+        if head.relabel is not None:
+            raise CheckpointError(f"{St.ref('copy_heads')} was given, but {settings.head_file} "
+                                  "is a relabel, which re-orders every copy's own rows: leave "
+                                  f"{St.ref('copy_heads')} out")
+        rec = HeadRecord.load(path)
+        if rec.relabel is not None or rec.classes != head.classes or \
+                rec.weight.shape != head.weight.shape or \
+                rec.source.head_layer != src.head_layer:
+            raise CheckpointError(f"{St.ref('copy_heads')} {path} is not a head of the same "
+                                  f"kind as {settings.head_file} (a trained head for the same "
+                                  "classes, shape and layer)")
+        records.append((path, rec))
+    if head.relabel is not None or len(ckpt.copies) < 2:
+        return {}
+    differ = differing_copies(ckpt, src.head_layer, src.other_heads)
+    own, unmatched, used = {}, [], set()
+    for c in differ:
+        digest = backbone_digest(copy_weights(ckpt, c), src.head_layer, src.other_heads)
+        match = [(p, r) for p, r in records if r.source.backbone_sha256 == digest]
+        if match:
+            own[c.path] = (c, *match[0])
+            used.add(match[0][0])
+        else:
+            unmatched.append(c.label())
+    for path, _ in records:
+        if path not in used:
+            raise CheckpointError(f"{St.ref('copy_heads')} {path} was trained on the features "
+                                  f"of no other copy of {checkpoint} (its backbone sha256 "
+                                  "matches none)")
+    if unmatched and not settings.head_for_every_copy:
         trained = "its EMA weights" if src.ema else "the model's weights"
         raise CheckpointError(
             f"the head was trained on the features of {trained} ({ckpt.source_key}), and "
-            f"{checkpoint} holds other copies whose backbones differ ({', '.join(other)}): their "
-            "features are not those the head learned. Fix each copy from its own features (run "
-            f"the stages once with {ref('extract.ema')} and once with "
-            f"{ref('extract.ema', negate=True)}), or pass {St.ref('head_for_every_copy')} to "
-            "write this head into every copy anyway")
+            f"{checkpoint} holds other copies whose backbones differ ({', '.join(unmatched)}): "
+            "their features are not those the head learned. Fix each copy from its own "
+            f"features (run stages 1 and 2 once more with {ref('extract.ema', negate=src.ema)} "
+            f"and pass that head as {St.ref('copy_heads')}; quickfix-labels does this itself "
+            "when one copy differs), "
+            f"or pass {St.ref('head_for_every_copy')} to write this head into every copy anyway")
+    return own
 
 
 def _changes(head: HeadRecord, ckpt: Checkpoint, aux_heads: str, notices: list[str]) -> Changes:
@@ -239,9 +294,12 @@ def _changes(head: HeadRecord, ckpt: Checkpoint, aux_heads: str, notices: list[s
 
 
 def _provenance(settings: StitchSettings, head: HeadRecord, ckpt: Checkpoint,
-                notices: list[str]) -> dict:
+                notices: list[str], own: dict) -> dict:
     src = head.source
     return {
+        "copy_heads": [{"copy": c.label(), "path": str(path.resolve()),
+                        "metrics": rec.metrics, "backbone_sha256": rec.source.backbone_sha256,
+                        "ema": rec.source.ema} for c, path, rec in own.values()] or None,
         "tool": "quickfix-labels", "version": __version__,
         "input": {"path": str(settings.checkpoint.resolve()),
                   "sha256": sha256_file(settings.checkpoint), "layout": ckpt.layout},
@@ -254,7 +312,7 @@ def _provenance(settings: StitchSettings, head: HeadRecord, ckpt: Checkpoint,
     }
 
 
-def _with_class_order(new: dict, ckpt: Checkpoint, head: HeadRecord, changes: Changes,
+def _with_class_order(new: dict, ckpt: Checkpoint, head: HeadRecord, changes: Changes | PerCopy,
                       out: Path, notices: list[str]) -> tuple[dict, dict[str, str] | None]:
     """The correct class order where the file's format keeps it: a safetensors file's metadata
     (returned, for the writer), a training-script checkpoint's `id_to_class`/`class_to_idx`
@@ -274,6 +332,22 @@ def _with_class_order(new: dict, ckpt: Checkpoint, head: HeadRecord, changes: Ch
                                               head.source.arch)
     notices += dropped
     return new, None
+
+
+@dataclass
+class PerCopy:
+    """What stage 3 changes, copy by copy: `default` for every copy but those in `own` (by
+    their path), which got a head trained on their own features."""
+
+    default: Changes
+    own: dict[tuple[str, ...], Changes]
+
+    def names(self) -> set[str]:
+        return set().union(self.default.names(), *(c.names() for c in self.own.values()))
+
+    def tensors(self, sd: Mapping[str, torch.Tensor], copy: Container, checkpoint: Path
+                ) -> dict[str, torch.Tensor]:
+        return self.own.get(copy.path, self.default).tensors(sd, copy, checkpoint)
 
 
 @dataclass
@@ -428,7 +502,7 @@ def _head_param_indices(ckpt: Checkpoint, head_name: str, changed: set[str], arc
     return {ids[i] for i, n in enumerate(params) if n in changed}
 
 
-def _save_verified(new: Any, out: Path, ckpt: Checkpoint, changes: Changes, trust: bool,
+def _save_verified(new: Any, out: Path, ckpt: Checkpoint, changes: Changes | PerCopy, trust: bool,
                    metadata: dict[str, str] | None) -> None:
     """Written atomically, and reloaded and verified before it is moved into place.
 
@@ -450,7 +524,7 @@ def _save_verified(new: Any, out: Path, ckpt: Checkpoint, changes: Changes, trus
                  what="; the original is untouched", errors=errors)
 
 
-def _verify(path: Path, ckpt: Checkpoint, changes: Changes, trust: bool,
+def _verify(path: Path, ckpt: Checkpoint, changes: Changes | PerCopy, trust: bool,
             metadata: dict[str, str] | None) -> None:
     """Reload the written file from disk and compare it with the original as loaded (stitching
     builds new dicts and never mutates it): every tensor but the changed ones bit-identical,

@@ -50,7 +50,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from .data import stored_name
-from .errors import DataError, StoreError, first_line, ref
+from .errors import DataError, StoreDamaged, StoreError, first_line, ref
 from .files import explain
 from .models import Preprocess
 
@@ -773,9 +773,9 @@ def check_digests(group: zarr.Group, split: str, names: Sequence[str],
         for name in names:
             if chunk_digest(group, split, name, c) != digests[c][DIGESTED.index(name)]:
                 where = getattr(group.store, "root", group.store)
-                raise StoreError(f"the feature store {where} is damaged: {split}/{name} chunk {c} "
-                                 "is not the file written there (its crc32 differs from the "
-                                 f"one recorded in `digests`); {REPAIR}")
+                raise StoreDamaged(f"the feature store {where} is damaged: {split}/{name} chunk "
+                                   f"{c} is not the file written there (its crc32 differs from "
+                                   f"the one recorded in `digests`); {REPAIR}")
     return digests
 
 
@@ -844,7 +844,7 @@ def read_rows(group: zarr.Group, split: str, name: str, lo: int = 0,
                 bad, err = c, chunk_exc
                 break
         where = getattr(group.store, "root", group.store)
-        raise StoreError(
+        raise StoreDamaged(
             f"the feature store {where} is damaged: {split}/{name} chunk {bad} cannot be read "
             f"({_short(err)}); {REPAIR}") from exc
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import StoreError, ref
+from .errors import StoreDamaged, ref
 from .head import Features
 from .store import EXTRACT, FeatureStore
 
@@ -79,7 +79,7 @@ class StoreRows:
             self.checked.add(chunk)
         keep = self.mask[lo:lo + len(x)]
         if not np.isfinite(x[keep]).all():
-            raise StoreError(f"the feature store {self.store.path} holds non-finite features in "
+            raise StoreDamaged(f"the feature store {self.store.path} holds non-finite features in "
                              f"{self.split} chunk {chunk} (rows marked usable): rerun {EXTRACT} "
                              f"with the same arguments and {ref('extract.verify')} to find and "
                              "recompute them")

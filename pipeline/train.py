@@ -20,7 +20,7 @@ from . import head as H
 from . import store as S
 from . import triage as T_
 from .checkpoint import backbone_digest, load_checkpoint
-from .errors import DataError, StoreError, ref, render
+from .errors import DataError, StoreDamaged, StoreError, ref, render
 from .files import resolve_device
 from .headfile import OLD_HEAD, HeadRecord, Source
 from .provenance import run_record
@@ -274,7 +274,7 @@ def open_checked(path: Path) -> S.FeatureStore:
                          "to end")
     damage = store.check()
     if damage:
-        raise StoreError(f"the feature store {path} is damaged ({damage.describe()}): rerun "
+        raise StoreDamaged(f"the feature store {path} is damaged ({damage.describe()}): rerun "
                          f"{EXTRACT} with the same arguments to repair it")
     for split in splits:
         store.complete(split)
@@ -531,12 +531,17 @@ def run_relabel(settings: TrainSettings, argv: Sequence[str] | None = None, *,
     store = open_checked(settings.features)
     head, recorded, head_classes = _old_head(settings.checkpoint, store,
                                              settings.trust_checkpoint, any_size=True)
-    diag, verify = _triage_rows(store)
-    decision = T_.decide(diag, verify, *head, classes=store.classes, names=store.class_names,
-                         head_classes=head_classes,
-                         recorded=recorded[0] if recorded is not None else None,
-                         confidence=settings.relabel_confidence,
-                         tolerance=settings.relabel_tolerance, seed=settings.seed)
+    if head is None:  # NaN or inf
+        decision = T_.Decision("train", "the old head's weights hold NaN or inf: there is no "
+                               "head to relabel", confidence=settings.relabel_confidence,
+                               tolerance=settings.relabel_tolerance)
+    else:
+        diag, verify = _triage_rows(store)
+        decision = T_.decide(diag, verify, *head, classes=store.classes,
+                             names=store.class_names, head_classes=head_classes,
+                             recorded=recorded[0] if recorded is not None else None,
+                             confidence=settings.relabel_confidence,
+                             tolerance=settings.relabel_tolerance, seed=settings.seed)
     per_class = store.per_class or {}
     k = max(per_class.values(), default=0)
     sample = (f"rerun {EXTRACT} with {ref('extract.per_class', 2 * k)}" if k else
@@ -565,16 +570,30 @@ def run_relabel(settings: TrainSettings, argv: Sequence[str] | None = None, *,
     return summary
 
 
+# A store of every image is decided on at most this many usable rows per class and split (the
+# first in the store's shuffled order): memory stays that of a sample (ImageNet's train split in
+# full would be 10 GB of features), and the decision needs no more.
+TRIAGE_ROWS_PER_CLASS = 64
+
+
 def _triage_rows(store: S.FeatureStore) -> tuple[T_.Rows, T_.Rows]:
     """The diagnosis rows (train) and the verification rows (val; without val, half of the
-    train rows of each class)."""
+    train rows of each class), read chunk by chunk with their checksums checked (a damaged
+    chunk, a non-finite value: StoreDamaged)."""
+    cap = None if store.per_class else TRIAGE_ROWS_PER_CLASS
+
     def rows(split: str) -> T_.Rows:
-        ok = store.read(split, "ok").astype(bool)
-        idx = np.flatnonzero(ok)
-        x = store.read(split, "features")[idx] if idx.size else \
-            np.zeros((0, store.feature_dim))
-        return T_.Rows(torch.as_tensor(np.asarray(x, dtype=np.float32)),
-                       store.read(split, "labels")[idx].astype(np.int64))
+        mask = store.read(split, "ok").astype(bool)
+        labels = store.read(split, "labels")
+        if cap is not None:
+            idx = np.flatnonzero(mask)
+            order = np.argsort(labels[idx], kind="stable")  # each class's rows in store order
+            y = labels[idx][order]
+            rank = np.arange(y.size) - np.searchsorted(y, y)  # the row's place in its class
+            mask = np.zeros_like(mask)
+            mask[idx[order][rank < cap]] = True
+        feats, _ = StoreRows(store, split, mask, labels=labels).load()
+        return T_.Rows(feats.x.float(), feats.y.numpy().astype(np.int64))
 
     diag = rows("train")
     val = next((s for s in ("val", "validation") if s in store.splits), None)
@@ -658,4 +677,9 @@ def _old_head(path: Path, store: S.FeatureStore, trust: bool, *, any_size: bool 
                          "(compare its id_to_class/class_to_idx with the store's classes)")
     if bias is None:
         bias = torch.zeros(weight.shape[0])
-    return (weight.detach().float(), bias.detach().float()), ckpt.recorded, ckpt.classes
+    weight, bias = weight.detach().float(), bias.detach().float()
+    if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
+        log.warning("the old head %s holds NaN or inf: it is not reused (the new head is "
+                    "trained from zeros)", head)
+        return None, ckpt.recorded, ckpt.classes
+    return (weight, bias), ckpt.recorded, ckpt.classes

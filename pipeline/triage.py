@@ -231,8 +231,11 @@ def named_orders(classes: list[str], names: list[str] | None, head_classes: list
         add("natural sort of the class ids", rank_by(lambda t: (natural_key(classes[t]),
                                                                classes[t])))
         add("the class list reversed", range(c - 1, -1, -1))
-    for k in range(1, outputs - c + 1):
+    # a head with more outputs: the classes' rows in a run (extra rows after them, before
+    # them: a background class at 0, or both)
+    for k in range(0, outputs - c + 1):
         add("a background class at 0" if k == 1 and outputs == c + 1 else
+            f"the first {c} of {outputs} outputs" if k == 0 else
             f"offset by {k}", range(k, k + c))
     return found
 
@@ -241,7 +244,8 @@ def kind_of(mapping: list[int], outputs: int, classes: list[str],
             head_classes: list[str] | None) -> str:
     c = len(mapping)
     if outputs > c:
-        return "offset" if mapping == list(range(mapping[0], mapping[0] + c)) else "subset"
+        return "offset" if mapping[0] > 0 and mapping == list(range(mapping[0], mapping[0] + c)) \
+            else "subset"
     if mapping == list(range(c)):
         recorded_other = head_classes is not None and [str(n) for n in head_classes] != classes
         return "metadata" if recorded_other else "none"
@@ -355,10 +359,11 @@ def decide(diag_rows: Rows, verify_rows: Rows, weight: torch.Tensor, bias: torch
                 smallest_class=smallest, smallest_count=int(counts.min()))
     named = named_orders(classes, names, head_classes, h)
     d = diagnose(diag_rows, weight, bias, classes, named)
-    if d.missing:
+    if d.missing:  # every sampled image of theirs unusable: a larger sample may hold others
         listed = ", ".join(classes[t] for t in d.missing[:5])
-        return Decision("train", f"{len(d.missing)} class(es) have no images to diagnose "
-                        f"from ({listed}{', ...' if len(d.missing) > 5 else ''})", **base)
+        return Decision("grow", f"{len(d.missing)} class(es) have no usable images to "
+                        f"diagnose from ({listed}{', ...' if len(d.missing) > 5 else ''})",
+                        **base)
     if d.unpredictable:
         listed = ", ".join(classes[t] for t in d.unpredictable[:5])
         return Decision("train", f"the head has {h} outputs for {c} classes: it cannot predict "

@@ -95,7 +95,8 @@ def test_installed_command_takes_the_quick_fix_command_line(tmp_path, tree):
     assert "backbone" in head["diagnosis"] and head["diagnosis"]["recorded_top1"] == 0.71
 
     out, err = go("--lr", "0.15")
-    assert ran(err) == set() and err.count(": up to date") == 3, err
+    # the triage found no relabel: kept, with stage 2's head.pt, and not decided again
+    assert ran(err) == set() and err.count(": up to date") == 4, err
     out, err = go("--lr", "0.3")
     assert ran(err) == {"train_head:", "stitch:", "verify:"}, err
     assert torch.load(run / "fixed" / "head.pt", weights_only=True)["config"]["lrs"] == [0.3]
@@ -104,6 +105,74 @@ def test_installed_command_takes_the_quick_fix_command_line(tmp_path, tree):
     proc = subprocess.run([sys.executable, "-m", "pipeline", *base[1:], "--lr", "0.3"],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0 and ran(proc.stderr) == set(), proc.stderr
+
+
+def test_an_ema_copy_with_its_own_backbone_gets_its_own_head(tmp_path, tree, capsys):
+    """torchvision references --model-ema: `model_ema` (an AveragedModel's state dict) whose
+    backbone differs from the model's. Each copy gets a head trained on its own features; with
+    --head-for-every-copy, the model's head goes into both."""
+    import stitch_checkpoint
+
+    model = make_model()
+    ck = training_checkpoint(model, "resnet18")
+    g = torch.Generator().manual_seed(5)
+    ema = {f"module.{k}": (v + 0.05 * v.abs().mean() * torch.randn(v.shape, generator=g)
+                           if v.is_floating_point() else v.clone())
+           for k, v in model.state_dict().items()}
+    ck["model_ema"] = {**ema, "n_averaged": torch.tensor(17)}
+    ckpt = tmp_path / "checkpoint_best.pth"
+    torch.save(ck, ckpt)
+    out = tmp_path / "fx"
+    args = ["--resume", str(ckpt), "--data-root", str(tree), "--checkpoint-dir", str(out),
+            "--fix-epochs", "2", "--lr", "0.1", "--train", *FAST]
+    assert F.main(args) == 0
+    err = capsys.readouterr().err
+    assert "the checkpoint's EMA copy has a backbone of its own" in err
+    head = torch.load(out / "head.pt", weights_only=True)
+    own = torch.load(out / "head.ema.pt", weights_only=True)
+    assert head["store"]["ema"] is False and own["store"]["ema"] is True
+    assert head["store"]["backbone_sha256"] != own["store"]["backbone_sha256"]
+    assert S.open_store(out / "features.ema.zarr").attrs["checkpoint"]["ema"] is True
+    fixed = safe_load(out / "checkpoint_best.pth")
+    assert torch.equal(fixed["model"]["module.fc.weight"], head["weight"])
+    assert torch.equal(fixed["model_ema"]["module.fc.weight"], own["weight"])
+    assert torch.equal(fixed["model_ema"]["module.fc.bias"], own["bias"])
+    assert not torch.equal(head["weight"], own["weight"])
+    for key in ("module.conv1.weight", "module.layer1.0.bn1.running_mean"):
+        assert torch.equal(fixed["model"][key], ck["model"][key])
+        assert torch.equal(fixed["model_ema"][key], ema[key])
+    assert fixed["model_ema"]["n_averaged"] == 17
+    assert [c["copy"] for c in fixed["quickfix"]["copy_heads"]] == ["model_ema"]
+    assert any("each copy got the head trained on its own features: model head.pt, "
+               "model_ema head.ema.pt" in n for n in fixed["quickfix"]["notices"])
+    # a rerun: every stage up to date, the other copy's two included
+    assert F.main(args) == 0
+    err = capsys.readouterr().err
+    assert ran(err) == set() and err.count(": up to date") == 5, err
+    # the same by hand: --copy-heads; a head of no other copy is refused in one line
+    by_hand = tmp_path / "by-hand.pth"
+    assert stitch_checkpoint.main(["--checkpoint", str(ckpt), "--head", str(out / "head.pt"),
+                                   "--copy-heads", str(out / "head.ema.pt"),
+                                   "--out", str(by_hand)]) == 0
+    assert torch.equal(safe_load(by_hand)["model_ema"]["module.fc.weight"], own["weight"])
+    capsys.readouterr()
+    assert stitch_checkpoint.main(["--checkpoint", str(ckpt), "--head", str(out / "head.pt"),
+                                   "--copy-heads", str(out / "head.pt"), "--out",
+                                   str(tmp_path / "no.pth")]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "was trained on the features of no other copy" in line
+    assert stitch_checkpoint.main(["--checkpoint", str(ckpt), "--head", str(out / "head.pt"),
+                                   "--out", str(tmp_path / "no.pth")]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "holds other copies whose backbones differ (model_ema)" in line
+    assert "--ema" in line and "--copy-heads" in line and "--head-for-every-copy" in line
+    assert not (tmp_path / "no.pth").exists()
+    # --head-for-every-copy: one head, in both copies; the other copy's stages do not run
+    assert F.main([*args, "--head-for-every-copy"]) == 0
+    err = capsys.readouterr().err
+    assert "has a backbone of its own" not in err and ran(err) == {"stitch:", "verify:"}
+    fixed = safe_load(out / "checkpoint_best.pth")
+    assert torch.equal(fixed["model_ema"]["module.fc.weight"], head["weight"])
 
 
 def test_a_stage_killed_midway_reruns_and_the_later_ones_follow(tmp_path, tree, ckpt, capsys):

@@ -120,7 +120,7 @@ def test_a_name_sorted_head_is_relabelled_from_a_sample(case):
     k = json.loads((fixed / "checkpoint_best.triage.json").read_text())["sample_per_class"]
     again = quickfix(case, ckpt, "--triage-per-class", str(k))  # that sample, at once
     assert again.returncode == 0, again.stderr
-    assert "the triage found its sample store damaged" in again.stderr
+    assert "the triage found the store damaged" in again.stderr
     assert torch.equal(fixed_head(fixed / "checkpoint_best.pth")[0], case["w"])
     # the same sample, by hand: a head whose checkpoint records no mapping is named by its order
     plain = checkpoint(case, case["root"] / "byname" / "plain.pth", case["w_sorted"],
@@ -211,11 +211,27 @@ def test_a_random_head_is_not_a_relabel(case):
     assert last.startswith("error: not a relabel: the old head's rows do not follow the classes")
     assert "Traceback" not in proc.stderr
     assert not (ckpt.parent / "fixed" / "checkpoint_best.pth").exists()
+    # the decision is kept: --triage only again refuses with the same line, deciding nothing
+    again = quickfix(case, ckpt, "--triage", "only")
+    assert again.returncode == 2 and again.stderr.strip().splitlines()[-1] == last
+    assert "triage: up to date" in again.stderr and "extract_features: " not in again.stderr
+    assert not (ckpt.parent / "fixed" / "features.zarr").exists()  # no full pipeline
     proc = quickfix(case, ckpt, "--fix-epochs", "3")
     assert proc.returncode == 0, proc.stderr
-    assert "running the full pipeline" in proc.stderr and "train_head: " in proc.stderr
+    # the kept decision, then the full pipeline
+    assert "triage: up to date (triage: not a relabel: " in proc.stderr
+    assert "extract: " in proc.stderr and "train_head: " in proc.stderr
     state = json.loads((ckpt.parent / "fixed" / ".quickfix-labels.json").read_text())
     assert state["triage"]["outcome"] == "train" and "stitch" in state
+    # stage 2 rewrote head.pt, which is no output of a triage that found no relabel: a rerun
+    # finds everything up to date
+    proc = quickfix(case, ckpt, "--fix-epochs", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert "triage: up to date" in proc.stderr
+    assert "triage: sample of" not in proc.stderr and "train_head: " not in proc.stderr
+    # --triage only after that: the same refusal, the fixed checkpoint left as it was
+    proc = quickfix(case, ckpt, "--triage", "only")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == last
 
 
 def test_a_head_trained_on_noisy_labels_falls_back_and_trains(case, tmp_path):
@@ -245,6 +261,36 @@ def test_a_head_trained_on_noisy_labels_falls_back_and_trains(case, tmp_path):
     for mode in results:
         assert results[mode]["metrics"]["val_top1"] > noisy_acc + 0.1
     assert results["auto"]["metrics"]["val_top1"] == results["off"]["metrics"]["val_top1"]
+
+
+def test_relabel_by_hand_on_a_full_store_and_a_non_finite_head(case, tmp_path, capsys):
+    """Stage 2 --relabel on a store of every image decides on at most TRIAGE_ROWS_PER_CLASS rows
+    per class and split; a head holding NaN is no relabel (one line, no traceback)."""
+    from pipeline.train import TRIAGE_ROWS_PER_CLASS
+
+    store = case["digits"]["store"]
+    ckpt = checkpoint(case, tmp_path / "by-hand.pth", case["w_sorted"], case["b_sorted"])
+    head = tmp_path / "head.pt"
+    assert train_head.main(["--features", str(store), "--checkpoint", str(ckpt), "--relabel",
+                            "--out", str(head)]) == 0
+    relabel = torch.load(head, weights_only=True)["diagnosis"]["relabel"]
+    fs = S.FeatureStore.open(store)
+    per_class = {s: np.bincount(fs.read(s, "labels")[fs.read(s, "ok").astype(bool)],
+                                minlength=10) for s in ("train", "val")}
+    assert per_class["train"].min() > TRIAGE_ROWS_PER_CLASS  # the cap applies to train
+    assert relabel["images"] == {
+        "diagnosis": 10 * TRIAGE_ROWS_PER_CLASS,
+        "verification": int(np.minimum(per_class["val"], TRIAGE_ROWS_PER_CLASS).sum())}
+    assert relabel["outcome"] == "relabel" and relabel["mapping"] == list(range(10))
+    capsys.readouterr()
+    w = case["w_sorted"].clone()
+    w[3, 5] = float("nan")
+    bad = checkpoint(case, tmp_path / "nan.pth", w, case["b_sorted"])
+    assert train_head.main(["--features", str(store), "--checkpoint", str(bad), "--relabel",
+                            "--out", str(tmp_path / "nan-head.pt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: not a relabel: the old head's weights hold NaN or inf")
+    assert not (tmp_path / "nan-head.pt").exists()
 
 
 def test_decisions_that_cannot_be_taken_are_one_line(case):
@@ -327,6 +373,27 @@ def test_an_unnamed_permutation_needs_every_class_clear_and_a_bad_one_fails():
     d = T.decide(diag, verify, old_w * 0.02, old_b * 0.02 + torch.randn(20), classes=classes,
                  names=None, head_classes=None, recorded=1.0)
     assert d.outcome in ("train", "grow") and d.outcome != "relabel"
+
+
+def test_a_superset_head_with_rows_after_the_classes_and_a_class_without_rows():
+    rows, w, b = synthetic()
+    diag, verify = T.split_for_verification(rows)
+    classes = [f"c{i:02d}" for i in range(20)]
+    # 22 outputs: the classes' rows first, two others after them (a head for a superset)
+    g = torch.Generator().manual_seed(0)
+    old_w = torch.cat([w, torch.randn(2, w.shape[1], generator=g) * 0.01])
+    old_b = torch.cat([b, torch.full((2,), -50.0)])
+    d = T.decide(diag, verify, old_w, old_b, classes=classes, names=None, head_classes=None,
+                 recorded=None)
+    assert d.outcome == "relabel" and d.kind == "subset" and d.mapping == list(range(20))
+    assert d.named == "the first 20 of 22 outputs" and d.moved == 0
+    assert "a superset head (22 outputs)" in d.line()
+    # a class none of whose sampled images is usable: a larger sample may hold some
+    keep = diag.y != 7
+    d = T.decide(T.Rows(diag.x[torch.as_tensor(keep)], diag.y[keep]), verify, w, b,
+                 classes=classes, names=None, head_classes=None, recorded=None)
+    assert d.outcome == "grow" and "1 class(es) have no usable images" in d.reason
+    assert "c07" in d.reason
 
 
 def test_a_tie_on_the_holdout_goes_to_the_old_head():
