@@ -140,14 +140,14 @@ def stitch(settings: StitchSettings, head: HeadRecord) -> StitchSummary:
     changes = PerCopy(_changes(head, ckpt, settings.aux_heads, notices), {})
     for c, _, record in own.values():
         changes.own[c.path] = _changes(record, ckpt, settings.aux_heads, [])
-    if head.relabel is not None and len(ckpt.copies) > 1:
-        notices.append(f"the relabel was applied to every copy of the model "
-                       f"({', '.join(c.label() for c in ckpt.copies)}), each from its own rows")
-    elif own:
+    if own:
         rest = [c.label() for c in ckpt.copies if c.path not in own]
-        notices.append("each copy got the head trained on its own features: "
+        notices.append("each copy got its own fix, found on its own features: "
                        + ", ".join([f"{', '.join(rest)} {settings.head_file.name}"]
                                    + [f"{c.label()} {path.name}" for c, path, _ in own.values()]))
+    elif head.relabel is not None and len(ckpt.copies) > 1:
+        notices.append(f"the relabel was applied to every copy of the model "
+                       f"({', '.join(c.label() for c in ckpt.copies)}), each from its own rows")
     elif head.source.ema:
         notices.append(f"the head was trained on the features of the EMA weights "
                        f"({ckpt.source_key}); it was written into every copy of the model")
@@ -220,29 +220,24 @@ def differing_copies(ckpt: Checkpoint, head_layer: str, other_heads: Mapping
 
 def _own_heads(settings: StitchSettings, head: HeadRecord, ckpt: Checkpoint
                ) -> dict[tuple[str, ...], tuple[Container, Path, HeadRecord]]:
-    """The copies whose backbone differs from the one `head` was trained on, each with the head
-    of `settings.copy_heads` trained on its own features (matched by the backbone digest). A
-    trained head is never written into a copy whose backbone differs (its features are others,
-    and the head would score below that copy's own), unless --head-for-every-copy; a relabel
-    re-orders each copy's own rows and needs none."""
+    """The copies whose backbone differs from the one `head` was found on, each with the head of
+    `settings.copy_heads` found on its own features (matched by the backbone digest): a trained
+    head, or a relabel of that copy's own rows. A trained head is never written into a copy
+    whose backbone differs (its features are others, and the head would score below that
+    copy's own), unless --head-for-every-copy; a relabel re-orders each copy's own rows and
+    needs no head of its own."""
     src, checkpoint = head.source, settings.checkpoint
     records = []
     for path in settings.copy_heads or []:
-        if head.relabel is not None:
-            raise CheckpointError(f"{St.ref('copy_heads')} was given, but {settings.head_file} "
-                                  "is a relabel, which re-orders every copy's own rows: leave "
-                                  f"{St.ref('copy_heads')} out")
         rec = HeadRecord.load(path)
-        if rec.relabel is not None or rec.classes != head.classes or \
-                rec.weight.shape != head.weight.shape or \
+        if rec.classes != head.classes or rec.weight.shape != head.weight.shape or \
                 rec.source.head_layer != src.head_layer:
             raise CheckpointError(f"{St.ref('copy_heads')} {path} is not a head of the same "
-                                  f"kind as {settings.head_file} (a trained head for the same "
-                                  "classes, shape and layer)")
+                                  f"kind as {settings.head_file} (the same classes, shape and "
+                                  "layer)")
         records.append((path, rec))
-    if head.relabel is not None or len(ckpt.copies) < 2:
-        return {}
-    differ = differing_copies(ckpt, src.head_layer, src.other_heads)
+    differ = differing_copies(ckpt, src.head_layer, src.other_heads) \
+        if len(ckpt.copies) > 1 else []
     own, unmatched, used = {}, [], set()
     for c in differ:
         digest = backbone_digest(copy_weights(ckpt, c), src.head_layer, src.other_heads)
@@ -257,7 +252,7 @@ def _own_heads(settings: StitchSettings, head: HeadRecord, ckpt: Checkpoint
             raise CheckpointError(f"{St.ref('copy_heads')} {path} was trained on the features "
                                   f"of no other copy of {checkpoint} (its backbone sha256 "
                                   "matches none)")
-    if unmatched and not settings.head_for_every_copy:
+    if unmatched and head.relabel is None and not settings.head_for_every_copy:
         trained = "its EMA weights" if src.ema else "the model's weights"
         raise CheckpointError(
             f"the head was trained on the features of {trained} ({ckpt.source_key}), and "

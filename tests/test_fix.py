@@ -143,7 +143,7 @@ def test_an_ema_copy_with_its_own_backbone_gets_its_own_head(tmp_path, tree, cap
         assert torch.equal(fixed["model_ema"][key], ema[key])
     assert fixed["model_ema"]["n_averaged"] == 17
     assert [c["copy"] for c in fixed["quickfix"]["copy_heads"]] == ["model_ema"]
-    assert any("each copy got the head trained on its own features: model head.pt, "
+    assert any("each copy got its own fix, found on its own features: model head.pt, "
                "model_ema head.ema.pt" in n for n in fixed["quickfix"]["notices"])
     # a rerun: every stage up to date, the other copy's two included
     assert F.main(args) == 0

@@ -263,6 +263,40 @@ def test_a_head_trained_on_noisy_labels_falls_back_and_trains(case, tmp_path):
     assert results["auto"]["metrics"]["val_top1"] == results["off"]["metrics"]["val_top1"]
 
 
+def test_each_copy_keeps_its_own_rows_when_stage_2_chooses_them(case, tmp_path):
+    """An EMA copy whose backbone differs a little, both copies with the name-sorted head: the
+    full pipeline (--train) runs stages 1 and 2 on each copy; where stage 2 chooses a copy's own
+    permuted old head, that copy gets its own rows re-ordered, not the other copy's head."""
+    ckpt = checkpoint(case, tmp_path / "ema" / "checkpoint_best.pth", case["w_sorted"],
+                      case["b_sorted"])
+    ck = torch.load(ckpt, weights_only=False)
+    g = torch.Generator().manual_seed(1)
+    ck["model_ema"] = {k: (v + 0.02 * v.abs().mean() * torch.randn(v.shape, generator=g)
+                           if v.is_floating_point() and not k.startswith("module.fc.") else
+                           v.clone()) for k, v in ck["model"].items()}
+    ck["model_ema"]["module.fc.weight"] = ck["model"]["module.fc.weight"] * 0.9
+    ck["model_ema"]["n_averaged"] = torch.tensor(3)
+    torch.save(ck, ckpt)
+    proc = quickfix(case, ckpt, "--train", "--fix-epochs", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "the checkpoint's EMA copy has a backbone of its own" in proc.stderr
+    out = ckpt.parent / "fixed"
+    fixed = safe_load(out / "checkpoint_best.pth")
+    to_correct = torch.as_tensor([SORTED.index(n) for n in NAMES])
+    chosen = []
+    for key, head in (("model", "head.pt"), ("model_ema", "head.ema.pt")):
+        record = torch.load(out / head, weights_only=True)
+        w = fixed[key]["module.fc.weight"]
+        assert torch.equal(w, record["weight"])
+        chosen.append(record["metrics"]["candidate"])
+        if chosen[-1] == OLD_HEAD:  # its own rows, re-ordered
+            assert torch.equal(w, ck[key]["module.fc.weight"][to_correct])
+    assert OLD_HEAD in chosen, chosen
+    assert not torch.equal(fixed["model"]["module.fc.weight"],
+                           fixed["model_ema"]["module.fc.weight"])
+    assert any("each copy got its own fix" in n for n in fixed["quickfix"]["notices"])
+
+
 def test_relabel_by_hand_on_a_full_store_and_a_non_finite_head(case, tmp_path, capsys):
     """Stage 2 --relabel on a store of every image decides on at most TRIAGE_ROWS_PER_CLASS rows
     per class and split; a head holding NaN is no relabel (one line, no traceback)."""
