@@ -275,7 +275,7 @@ def open_checked(path: Path) -> S.FeatureStore:
     damage = store.check()
     if damage:
         raise StoreDamaged(f"the feature store {path} is damaged ({damage.describe()}): rerun "
-                         f"{EXTRACT} with the same arguments to repair it")
+                           f"{EXTRACT} with the same arguments to repair it")
     for split in splits:
         store.complete(split)
         store.check_digests(split, ("labels", "ok"))  # the features: as they are read
